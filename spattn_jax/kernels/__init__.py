@@ -1,0 +1,1 @@
+"""Attention implementations behind :func:`spattn_jax.attention.attention`."""
