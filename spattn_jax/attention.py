@@ -41,6 +41,11 @@ def _load(name: str) -> Callable | None:
         return None
 
 
+def available(name: str) -> bool:
+    """Whether implementation ``name`` imports on this install."""
+    return name in IMPLEMENTATIONS and _load(name) is not None
+
+
 def _platform_key() -> str:
     device = jax.devices()[0]
     if device.platform == "gpu":
@@ -121,6 +126,7 @@ def attention(
     segment_ids=None,
     implementation: str = "auto",
     scale: float | None = None,
+    **kernel_options,
 ) -> jax.Array:
     """Multi-head attention under a per-head SPAttention mask.
 
@@ -132,6 +138,8 @@ def attention(
         ``(q_ids [B, Tq], kv_ids [B, Tk])`` pair. No token attends across documents.
       implementation: ``"auto"`` or a key of :data:`IMPLEMENTATIONS`.
       scale: logit scale, default ``D ** -0.5``.
+      **kernel_options: implementation-specific settings (block sizes, ``interpret``); kernels run in
+        Pallas interpret mode by default when JAX's default backend is the CPU.
 
     Returns:
       ``[B, Tq, H, D]`` in ``q.dtype``.
@@ -139,4 +147,4 @@ def attention(
     check_shapes(q, k, v, mask)
     q_ids, kv_ids = split_segment_ids(segment_ids, q.shape[1], k.shape[1], q.shape[0])
     fn = _load(resolve(implementation))
-    return fn(q, k, v, mask=mask, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale)
+    return fn(q, k, v, mask=mask, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale, **kernel_options)

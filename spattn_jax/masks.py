@@ -219,7 +219,8 @@ class MaskSpec:
         for h, iv in enumerate(ivs):
             if len(iv) > num_slots:
                 raise ValueError(f"head {h} has {len(iv)} intervals, more than num_slots={num_slots}")
-            table[h, : len(iv)] = iv
+            if iv:
+                table[h, : len(iv)] = iv
         return table
 
     # -- dense views (tests and plots only) ------------------------------------------------------

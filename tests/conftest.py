@@ -1,0 +1,19 @@
+"""Test settings shared by the whole suite."""
+
+import os
+
+# Kernel interpret-mode tests and the fake-device sharding tests run on the host CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Few examples and no deadline: interpret-mode kernels are slow, and CI has 2 cores.
+settings.register_profile(
+    "ci",
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
