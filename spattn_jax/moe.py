@@ -1,0 +1,222 @@
+"""OLMoE mixture of experts: softmax top-k router, dropless SwiGLU experts, aux losses; dense SwiGLU.
+
+Shapes: ``N`` tokens (batch and sequence flattened), ``D`` model width, ``E`` experts, ``k`` top-k,
+``F`` per-expert hidden.
+
+Routing (OLMoE / HF ``OlmoeTopKRouter``): ``logits = x W_r`` (no bias), ``p = softmax(logits)`` in
+fp32, the ``k`` largest ``p`` pick the experts and are used as combine weights **without
+renormalisation** (``norm_topk_prob=False``).
+
+Experts are dropless: each token's ``k`` assignments are sorted by expert and the three SwiGLU
+matmuls run as grouped matmuls (:func:`jax.lax.ragged_dot`) over the ``E`` contiguous groups; outputs
+are unsorted and summed with the router weights. No token is ever dropped and shapes stay static
+(``N k`` rows) under ``jit``.
+
+Aux losses, per layer (source: the OLMoE training stack, ``Muennighoff/megablocks`` branch
+``olmoe``, ``megablocks/layers/moe.py: batched_load_balancing_loss``; same lb form as Switch
+Transformer eq. 4-6 and HF ``load_balancing_loss_func``; z-loss from ST-MoE, arXiv 2202.08906):
+
+* load balance ``lb = E * sum_e f_e P_e``, with ``f_e = count_e / (N k)`` the fraction of the ``N k``
+  assignments that went to expert ``e`` (a count, no gradient) and ``P_e = mean_t p_{t,e}`` the mean
+  router probability. It is 1 under perfectly uniform routing.
+* router z-loss ``z = mean_t (logsumexp_e logits_{t,e})^2``.
+
+How megablocks combines layers: ``w_lb / L * sum_l lb_l`` and ``w_z / (L k) * sum_l z_l`` (it divides
+the z-loss by ``L N k``, top-k included). :class:`spattn_jax.config.ModelConfig` offers that as
+``aux_loss_reduction="olmoe"``, the default; ``"sum"`` adds ``w_lb lb_l + w_z z_l`` over layers.
+HF's ``load_balancing_loss_func`` differs again (it pools counts and probabilities over layers before
+the product and divides counts by ``N``, not ``N k``); it is not used for training here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spattn_jax.layers import dtype_of, normal_param
+
+# -- routing -------------------------------------------------------------------------------------
+
+
+def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax, then top-k without renormalisation.
+
+    Args:
+      logits: ``[N, E]`` router logits (any float dtype; the softmax runs in fp32).
+    Returns:
+      ``probs [N, E]`` fp32, ``weights [N, k]`` fp32 (the top-k probabilities), ``experts int [N, k]``.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    return probs, weights, experts.astype(jnp.int32)
+
+
+def router_load(experts: jax.Array, num_experts: int) -> jax.Array:
+    """``f [E]``: fraction of the ``N k`` token-expert assignments each expert received (sums to 1)."""
+    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+    return counts / experts.size
+
+
+def load_balancing_loss(probs: jax.Array, experts: jax.Array) -> jax.Array:
+    """``E * sum_e f_e P_e`` (scalar, fp32); gradients flow through ``P`` only (``f`` is a count)."""
+    num_experts = probs.shape[-1]
+    f = jax.lax.stop_gradient(router_load(experts, num_experts))
+    p_mean = jnp.mean(probs.astype(jnp.float32), axis=0)
+    return num_experts * jnp.sum(f * p_mean)
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+    """``mean_t logsumexp(logits_t)^2`` (scalar, fp32)."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def router_entropy(probs: jax.Array) -> jax.Array:
+    """Mean over tokens of the router distribution's entropy in nats (scalar; ``log E`` when uniform)."""
+    p = probs.astype(jnp.float32)
+    return -jnp.mean(jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
+
+
+# -- dropless expert computation -----------------------------------------------------------------
+
+
+def sort_assignments(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Order the ``N k`` assignments by expert.
+
+    Args:
+      experts: ``int [N, k]``.
+    Returns:
+      ``order int [N k]`` (flat assignment index in sorted order), ``token int [N k]`` (the token of
+      each sorted row), ``group_sizes int [E]`` (rows per expert, in expert order).
+    """
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    token = order // experts.shape[1]
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    return order, token, group_sizes
+
+
+def expert_swiglu(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array,
+    w2: jax.Array,
+) -> jax.Array:
+    """Dropless top-k SwiGLU experts: ``sum_j weights[t, j] * FFN_{experts[t, j]}(x_t)``.
+
+    Args:
+      x: ``[N, D]`` in the compute dtype.
+      experts: ``int [N, k]``; weights: ``[N, k]`` combine weights (fp32).
+      w1, w3: ``[E, D, F]`` gate and up projections; w2: ``[E, F, D]`` down projection, all in the
+        compute dtype. ``FFN_e(x) = (silu(x w1_e) * (x w3_e)) w2_e``.
+    Returns:
+      ``[N, D]`` in ``x.dtype``.
+    """
+    num_tokens, top_k = experts.shape
+    order, token, group_sizes = sort_assignments(experts, w1.shape[0])
+    xs = jnp.take(x, token, axis=0)  # [N k, D], grouped by expert
+
+    def gmm(lhs, rhs):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+
+    h = (jax.nn.silu(gmm(xs, w1)) * gmm(xs, w3)).astype(x.dtype)
+    ys = gmm(h, w2)  # [N k, D] fp32, sorted order
+    # Undo the sort: sorted row r holds flat assignment order[r].
+    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
+    y = y.reshape(num_tokens, top_k, -1) * weights.astype(jnp.float32)[..., None]
+    return jnp.sum(y, axis=1).astype(x.dtype)
+
+
+# -- modules -------------------------------------------------------------------------------------
+
+
+class MoE(nnx.Module):
+    """OLMoE sparse MoE block: linear router, softmax top-k, dropless SwiGLU experts.
+
+    Parameters: ``router [D, E]``, ``w1``/``w3 [E, D, F]``, ``w2 [E, F, D]``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        std: float = 0.02,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        self.top_k = top_k
+        self.dtype = dtype
+        pdt = dtype_of(param_dtype)
+        self.router = normal_param(rngs.params(), (d_model, num_experts), ("embed", None), std=std, dtype=pdt)
+        self.w1 = normal_param(
+            rngs.params(), (num_experts, d_model, hidden), ("exp", "embed", "mlp"), std=std, dtype=pdt
+        )
+        self.w3 = normal_param(
+            rngs.params(), (num_experts, d_model, hidden), ("exp", "embed", "mlp"), std=std, dtype=pdt
+        )
+        self.w2 = normal_param(
+            rngs.params(), (num_experts, hidden, d_model), ("exp", "mlp", "embed"), std=std, dtype=pdt
+        )
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``x [B, T, D]`` -> ``(y [B, T, D], stats)``.
+
+        ``stats``: ``lb_loss``, ``z_loss``, ``router_entropy`` (fp32 scalars) and ``router_load``
+        (fp32 ``[E]``), all unweighted, for this layer.
+        """
+        batch, seq_len, d_model = x.shape
+        cdt = dtype_of(self.dtype)
+        xf = x.reshape(batch * seq_len, d_model)
+        # The router runs in fp32 whatever the compute dtype: top-k picks are sensitive to rounding.
+        logits = jnp.dot(xf.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        probs, weights, experts = route(logits, self.top_k)
+        y = expert_swiglu(
+            xf.astype(cdt),
+            experts,
+            weights,
+            self.w1[...].astype(cdt),
+            self.w3[...].astype(cdt),
+            self.w2[...].astype(cdt),
+        )
+        stats = {
+            "lb_loss": load_balancing_loss(probs, experts),
+            "z_loss": router_z_loss(logits),
+            "router_load": router_load(experts, probs.shape[-1]),
+            "router_entropy": router_entropy(probs),
+        }
+        return y.reshape(batch, seq_len, d_model), stats
+
+
+class DenseFFN(nnx.Module):
+    """Dense SwiGLU FFN ``(silu(x w1) * (x w3)) w2``: ``w1``/``w3 [D, F]``, ``w2 [F, D]``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        *,
+        std: float = 0.02,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        pdt = dtype_of(param_dtype)
+        self.w1 = normal_param(rngs.params(), (d_model, hidden), ("embed", "mlp"), std=std, dtype=pdt)
+        self.w3 = normal_param(rngs.params(), (d_model, hidden), ("embed", "mlp"), std=std, dtype=pdt)
+        self.w2 = normal_param(rngs.params(), (hidden, d_model), ("mlp", "embed"), std=std, dtype=pdt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, T, D]`` -> ``[B, T, D]`` in the compute dtype."""
+        cdt = dtype_of(self.dtype)
+        x = x.astype(cdt)
+        gate = jnp.dot(x, self.w1[...].astype(cdt), preferred_element_type=jnp.float32)
+        up = jnp.dot(x, self.w3[...].astype(cdt), preferred_element_type=jnp.float32)
+        h = (jax.nn.silu(gate) * up).astype(cdt)
+        return jnp.dot(h, self.w2[...].astype(cdt), preferred_element_type=jnp.float32).astype(cdt)
