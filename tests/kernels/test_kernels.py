@@ -24,7 +24,7 @@ from spattn_jax.kernels import reference
 class Backend:
     """What a kernel supports and how closely it must match the reference.
 
-    Tolerances are on ``max|x - x_ref| / max(max|x_ref|, 1e-6)`` per output, by input dtype.
+    Tolerances are on ``max|x - x_ref| / max(max|x_ref|, ERR_FLOOR)`` per output, by input dtype.
     """
 
     name: str
@@ -43,7 +43,25 @@ class Backend:
 
 
 # Kernels register here; a row whose implementation does not import on this install is skipped.
-BACKENDS: tuple[Backend, ...] = ()
+BACKENDS: tuple[Backend, ...] = (
+    # Splash in Pallas's TPU interpreter (128 blocks there); lengths up to 300 pad to 3 blocks.
+    Backend("splash", head_dims=(64, 128), max_len=300),
+    # Pallas Triton in interpret mode; 16/32 tiles so that N <= 200 has interior and edge tiles.
+    Backend(
+        "pallas_triton",
+        options=(("block_q", 32), ("block_k", 16), ("block_q_dq", 16), ("block_k_dq", 32),
+                 ("block_q_dkv", 16), ("block_k_dkv", 32)),
+    ),
+    # Pallas Mosaic GPU: sm90+ only (no CPU interpreter path; CPU tests in test_pallas_mosaic_gpu.py);
+    # bf16, head dims padded to 64; 64-key tiles so that N <= 300 has interior and edge tiles.
+    pytest.param(
+        Backend("pallas_mosaic_gpu", head_dims=(64, 128), dtypes=("bfloat16",), max_len=300, options=(("block_kv", 64),)),
+        marks=pytest.mark.skipif(
+            "not __import__('spattn_jax.kernels.pallas_mosaic_gpu').kernels.pallas_mosaic_gpu.is_supported()",
+            reason="pallas_mosaic_gpu needs an sm90+ GPU",
+        ),
+    ),
+)
 
 
 def _ids(backend: Backend) -> str:
@@ -79,10 +97,16 @@ def _segment_ids(rng, batch, n, num_docs):
     return jnp.asarray(ids)
 
 
+# Inputs are unit normal, so outputs and gradients are O(1); the floor only matters when the reference
+# is (near) all zero, e.g. gradients of a mask whose rows see one key each, where rounding is all that
+# is left to compare.
+ERR_FLOOR = 0.05
+
+
 def _rel_err(x, ref) -> float:
     x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
     assert np.all(np.isfinite(x)), "non-finite values"
-    return float(np.max(np.abs(x - ref), initial=0.0) / max(np.max(np.abs(ref), initial=0.0), 1e-6))
+    return float(np.max(np.abs(x - ref), initial=0.0) / max(np.max(np.abs(ref), initial=0.0), ERR_FLOOR))
 
 
 def check_against_reference(backend: Backend, case: dict) -> None:
