@@ -23,9 +23,10 @@ IMPLEMENTATIONS: dict[str, str] = {
     "splash": "spattn_jax.kernels.splash:attention",
 }
 
-# What "auto" tries, in order, per platform.
+# What "auto" tries, in order, per platform. The Mosaic GPU kernel is opt-in until an intermittent
+# barrier deadlock in its backward is fixed (bench/NOTES_mgpu.md).
 _AUTO_ORDER = {
-    "gpu_sm90": ("pallas_mosaic_gpu", "pallas_triton", "reference"),
+    "gpu_sm90": ("pallas_triton", "reference"),
     "gpu": ("pallas_triton", "reference"),
     "tpu": ("splash", "reference"),
     "cpu": ("reference",),

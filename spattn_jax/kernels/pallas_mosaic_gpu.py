@@ -1,0 +1,422 @@
+"""Band attention for Hopper (sm90+) in Pallas Mosaic GPU: forward, dQ and dK/dV kernels.
+
+The schedule is the Triton kernel's (:mod:`spattn_jax.kernels.schedule`): every work unit loops over
+the tiles its head's distance intervals reach, in closed form, as up to ``3 * slots`` runs (masked
+low edge, unmasked interior, masked high edge per interval; SPA-default has two intervals, local
+window + band, sharing one online-softmax state). On top of it, FA3 style:
+
+* one CTA = one producer warpgroup that streams K/V (or Q/dO) tiles with TMA through a
+  ``num_stages``-deep ring of shared-memory buffers, and two consumer warpgroups that run wgmma on
+  ``block_q``-row halves of the CTA's tile (``set_max_registers`` 232 / 40);
+* the launch grid is a static *work list* computed in NumPy at trace time: one entry per
+  (batch, head, tile), heaviest first (longest-processing-time order, ties head-major so a head's
+  K/V stays in L2), so the long bands start first and the short and empty units fill the tail.
+  By default each CTA takes one entry; ``num_ctas`` turns on persistent CTAs (experimental: they
+  hung on the H100 whenever a CTA had several entries, see bench/NOTES_mgpu.md);
+* empty rows (no allowed key) write O = 0 and LSE = -inf; the backward reads their LSE as +inf so
+  that every probability there is exactly 0. All three warpgroups of a CTA walk the same tile list,
+  so a zero-trip loop keeps every barrier's phase in step (kernels.md §6).
+
+Kernels live in :mod:`pallas_mosaic_gpu_fwd` and :mod:`pallas_mosaic_gpu_bwd`; this module holds the
+entry point, the static plan and the custom VJP.
+
+Inputs and limits (Mosaic GPU): bf16/fp16 only (fp32 raises a ValueError naming ``pallas_triton`` or
+``reference``); head dims are zero-padded to a multiple of 64 (at most 128: D = 256 does not fit the
+staging buffers); sequence lengths are
+padded to the tile internally (padded keys are never inside any causal interval of a real query;
+padded query rows are dropped and get LSE +inf in the backward). GQA: q head ``h`` reads kv head
+``h // (H // K)``; dK/dV are produced per q head and summed over each group.
+
+Versions: written against ``plgpu.kernel(..., out_type=..., scratch_types=...)`` with Lane lowering
+semantics, which JAX 0.10.2 and 0.11.x both accept (0.11 made Warpgroup lowering the default, so it
+is named explicitly). It runs only on an sm90+ GPU: :func:`is_supported` says whether it can here.
+On a CPU the kernels can still be *lowered* (``jax.jit(...).trace(...).lower(lowering_platforms=
+("cuda",))``), which the CPU tests use to catch tracing and lowering errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spattn_jax.kernels import schedule
+from spattn_jax.masks import MaskSpec
+
+_DIM_MULTIPLE = 64  # wgmma/TMA with 128-byte swizzle: head dims and tiles in multiples of 64
+_MAX_HEAD_DIM = 128  # D = 256 does not fit the staging buffers in 227 KiB of shared memory
+_SMEM_LIMIT = 227 * 1024
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile sizes and pipeline depths (all multiples of 64 rows).
+
+    Attributes:
+      block_q: query rows per consumer warpgroup in the forward; a CTA covers ``2 * block_q`` rows.
+      block_kv: keys per K/V tile in the forward.
+      num_stages: depth of the forward's K/V shared-memory ring.
+      block_q_dq, block_kv_dq: dQ kernel (``2 * block_q_dq`` rows per CTA, K/V tiles of
+        ``block_kv_dq``).
+      block_q_dkv, block_kv_dkv: dK/dV kernel (``2 * block_kv_dkv`` keys per CTA, Q/dO tiles of
+        ``block_q_dkv``).
+      num_stages_bwd: depth of both backward kernels' rings.
+      lpt: order the work list heaviest first (otherwise plain (b, h, tile) order).
+      num_ctas: CTAs per launch. ``0`` (default): one CTA per work item, launched in LPT order.
+        ``None`` (one per SM) or a count: persistent CTAs that walk the work list with stride
+        ``num_ctas``, prefetching the next unit's rows while finishing the current. EXPERIMENTAL:
+        the persistent mode hung on the H100 whenever a CTA had more than one unit (2026-11-23,
+        bench/NOTES_mgpu.md); one unit per CTA ran correctly.
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    num_stages_bwd: int = 2
+    lpt: bool = True
+    num_ctas: int | None = 0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("block_") and (value < _DIM_MULTIPLE or value % _DIM_MULTIPLE):
+                raise ValueError(f"pallas_mosaic_gpu needs {f.name} to be a positive multiple of 64, got {value}")
+            if f.name.startswith("num_stages") and value < 1:
+                raise ValueError(f"{f.name} must be >= 1, got {value}")
+
+    def smem_bytes(self, head_dim: int) -> dict[str, int]:
+        """Shared memory each kernel allocates (2-byte inputs), for the 227 KiB check."""
+        row = 2 * head_dim  # bytes of one bf16 row
+        wgs = 2
+        return dict(
+            forward=(2 * wgs * self.block_q + 2 * self.num_stages * self.block_kv) * row + 4 * wgs * self.block_q,
+            dq=(3 * wgs * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * row + 8 * wgs * self.block_q_dq,
+            dkv=(4 * wgs * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * row
+            + 8 * self.num_stages_bwd * self.block_q_dkv,
+        )
+
+    @property
+    def q_multiple(self) -> int:
+        """Query padding unit: every kernel's query tile divides it."""
+        return int(np.lcm.reduce([2 * self.block_q, 2 * self.block_q_dq, self.block_q_dkv]))
+
+    @property
+    def kv_multiple(self) -> int:
+        return int(np.lcm.reduce([self.block_kv, self.block_kv_dq, 2 * self.block_kv_dkv]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one call: real and padded shapes, intervals, settings."""
+
+    batch: int
+    q_len: int  # real lengths
+    kv_len: int
+    q_pad: int  # padded lengths (multiples of every kernel's tile)
+    kv_pad: int
+    head_dim: int  # padded head dim (multiple of 64)
+    num_heads: int
+    num_kv: int
+    intervals: tuple[tuple[tuple[int, int], ...], ...]
+    scale: float
+    segments: bool
+    config: Config
+
+    @property
+    def slots(self) -> int:
+        return schedule.padded_slots(self.intervals)
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv
+
+    @property
+    def q_offset(self) -> int:
+        """Position of query row 0: queries are the last ``q_len`` of ``kv_len`` positions."""
+        return self.kv_len - self.q_len
+
+    def masked_runs(self) -> tuple[bool, ...]:
+        """Static per-run element-mask flags; with segment ids every tile needs the mask."""
+        flags = schedule.run_is_masked(self.slots)
+        return tuple(True for _ in flags) if self.segments else flags
+
+
+# -- static tables (NumPy, trace time) ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def run_table(intervals, block_q: int, block_k: int, q_len: int, kv_len: int, transpose: bool) -> np.ndarray:
+    """``int32 [H, tiles, 2 * runs]``: flattened ``(start, stop)`` run pairs (schedule.py), cached."""
+    fn = schedule.transpose_runs if transpose else schedule.forward_runs
+    runs = fn(intervals, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len)
+    return np.ascontiguousarray(runs.reshape(runs.shape[0], runs.shape[1], -1))
+
+
+def run_lengths(runs: np.ndarray) -> np.ndarray:
+    """``int64 [H, tiles]``: inner tiles each (head, tile) visits, from a flattened run table."""
+    starts, stops = runs[..., 0::2].astype(np.int64), runs[..., 1::2].astype(np.int64)
+    return np.maximum(stops - starts, 0).sum(-1)
+
+
+def work_list(lengths: np.ndarray, batch: int, *, lpt: bool = True) -> np.ndarray:
+    """``int32 [batch * H * tiles, 3]`` of ``(b, h, tile)``, one row per CTA of a launch.
+
+    With ``lpt`` the heaviest units come first (longest-processing-time order: a greedy list
+    schedule, which is what the hardware block scheduler does with a grid, is then within 4/3 of
+    optimal), ties broken head-major then batch then tile so that CTAs running together share a
+    head's K/V in L2. Units with no tiles come last; they still run, to write their zero outputs.
+
+    Args:
+      lengths: ``[H, tiles]`` tiles visited per unit (:func:`run_lengths`).
+      batch: the batch size (every sequence has the same schedule).
+    """
+    num_heads, tiles = lengths.shape
+    b, h, t = np.meshgrid(np.arange(batch), np.arange(num_heads), np.arange(tiles), indexing="ij")
+    b, h, t = b.ravel(), h.ravel(), t.ravel()
+    if lpt:
+        # np.lexsort sorts by the last key first.
+        order = np.lexsort((t, b, h, -lengths[h, t]))
+    else:
+        order = np.lexsort((t, h, b))
+    return np.stack([b[order], h[order], t[order]], axis=1).astype(np.int32)
+
+
+def lpt_makespan(lengths: np.ndarray, batch: int, workers: int, *, lpt: bool = True, overhead: float = 0.0) -> float:
+    """Model makespan of the work list on ``workers`` SMs (greedy: next unit to the first free SM).
+
+    Used by the benchmark notes to predict what LPT order buys; ``overhead`` is a per-unit cost in
+    tile units (prologue, epilogue).
+    """
+    import heapq
+
+    items = work_list(lengths, batch, lpt=lpt)
+    free = [0.0] * workers
+    heapq.heapify(free)
+    for _, h, t in items:
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + float(lengths[h, t]) + overhead)
+    return max(free)
+
+
+def interval_table(plan: Plan) -> np.ndarray:
+    """``int32 [H, 2 * slots]`` ``(lo, hi)`` pairs for the edge-tile predicate (empty slots never match)."""
+    return schedule.interval_table(plan.intervals, plan.slots)
+
+
+# -- version compatibility ------------------------------------------------------------------------------
+
+
+def is_supported() -> bool:
+    """Whether the kernels can run here: a CUDA device of compute capability 9.0 or newer."""
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if device.platform != "gpu":
+        return False
+    try:
+        return float(getattr(device, "compute_capability", "0")) >= 9.0
+    except ValueError:
+        return False
+
+
+# -- custom VJP on padded arrays ------------------------------------------------------------------------
+
+
+def _kernels():
+    # Imported lazily so that importing this module (the registry does) stays cheap.
+    from spattn_jax.kernels import pallas_mosaic_gpu_bwd as bwd
+    from spattn_jax.kernels import pallas_mosaic_gpu_fwd as fwd
+
+    return fwd, bwd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def band_attention(plan: Plan, q, k, v, q_seg, kv_seg):
+    """Padded ``[B, q_pad, H, Dp]`` in, padded out; see :func:`attention`."""
+    fwd, _ = _kernels()
+    return fwd.forward(plan, q, k, v, q_seg, kv_seg)[0]
+
+
+def _band_attention_fwd(plan: Plan, q, k, v, q_seg, kv_seg):
+    fwd, _ = _kernels()
+    out, lse = fwd.forward(plan, q, k, v, q_seg, kv_seg)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def backward_lse(plan: Plan, lse: jax.Array) -> jax.Array:
+    """The forward's base-2 LSE ``[B, H, q_pad]`` as the backward reads it.
+
+    Empty rows (``-inf``) and padded rows (never written: any value) become ``+inf``, so that their
+    probabilities ``exp2(s - lse)`` are exactly 0 on every tile the backward visits.
+    """
+    row = jnp.arange(plan.q_pad)
+    return jnp.where((lse == -jnp.inf) | (row >= plan.q_len), jnp.inf, lse)
+
+
+def backward_delta(plan: Plan, out: jax.Array, do: jax.Array) -> jax.Array:
+    """``delta = rowsum(O * dO)`` in fp32, ``[B, H, q_pad]``; 0 on padded rows (their O is garbage)."""
+    real = (slice(None), slice(0, plan.q_len))
+    delta = jnp.einsum("bqhd,bqhd->bhq", out[real].astype(jnp.float32), do[real].astype(jnp.float32))
+    return jnp.pad(delta, ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)))
+
+
+def _band_attention_bwd(plan: Plan, res, do):
+    _, bwd = _kernels()
+    q, k, v, q_seg, kv_seg, out, lse = res
+    lse = backward_lse(plan, lse)
+    delta = backward_delta(plan, out, do)
+    # Padded dO rows and head-dim columns are already 0 (the cotangent of the slice in `attention`),
+    # so their dP, dS and dV contributions vanish without another pass over dO.
+    dq = bwd.backward_dq(plan, q, k, v, do, lse, delta, q_seg, kv_seg)
+    dk, dv = bwd.backward_dkv(plan, q, k, v, do, lse, delta, q_seg, kv_seg)
+    if plan.groups > 1:
+        b, t, _, d = dk.shape
+        dk = dk.reshape(b, t, plan.num_kv, plan.groups, d).astype(jnp.float32).sum(3).astype(k.dtype)
+        dv = dv.reshape(b, t, plan.num_kv, plan.groups, d).astype(jnp.float32).sum(3).astype(v.dtype)
+    return dq, dk, dv, None, None
+
+
+band_attention.defvjp(_band_attention_fwd, _band_attention_bwd)
+
+
+# -- public entry point ---------------------------------------------------------------------------------
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def make_config(block_q: int | None = None, block_kv: int | None = None, **tuning: Any) -> Config:
+    """A :class:`Config` from keyword settings; unknown keys raise a one-line ValueError."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    if "block_k" in tuning and block_kv is None:  # the Triton kernel's spelling
+        block_kv = tuning.pop("block_k")
+    unknown = set(tuning) - fields
+    if unknown:
+        raise ValueError(
+            f"unknown pallas_mosaic_gpu option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(fields))}"
+        )
+    if block_q is not None:
+        tuning["block_q"] = block_q
+    if block_kv is not None:
+        tuning["block_kv"] = block_kv
+    return Config(**tuning)
+
+
+def make_plan(q_shape, k_shape, mask: MaskSpec, *, scale, segments: bool, config: Config) -> Plan:
+    """The static :class:`Plan` for ``q [B, Tq, H, D]`` and ``k [B, Tk, K, D]`` shapes."""
+    batch, q_len, num_heads, head_dim = q_shape
+    kv_len, num_kv = k_shape[1], k_shape[2]
+    qm, km = config.q_multiple, config.kv_multiple
+    return Plan(
+        batch=batch,
+        q_len=q_len,
+        kv_len=kv_len,
+        q_pad=schedule.cdiv(q_len, qm) * qm,
+        kv_pad=schedule.cdiv(kv_len, km) * km,
+        head_dim=schedule.cdiv(head_dim, _DIM_MULTIPLE) * _DIM_MULTIPLE,
+        num_heads=num_heads,
+        num_kv=num_kv,
+        intervals=mask.intervals(kv_len),
+        scale=float(head_dim**-0.5 if scale is None else scale),
+        segments=segments,
+        config=config,
+    )
+
+
+def check_inputs(q, k, v, mask: MaskSpec, q_segment_ids, kv_segment_ids) -> None:
+    """One-line ValueErrors for inputs this implementation cannot take."""
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"pallas_mosaic_gpu takes bf16/fp16 q, k, v of one dtype (got {q.dtype}, {k.dtype}, {v.dtype}); "
+            f"use implementation='pallas_triton' or 'reference' for fp32"
+        )
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(
+            f"pallas_mosaic_gpu supports head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}; "
+            f"use implementation='pallas_triton' or 'reference'"
+        )
+    if mask.num_heads != q.shape[2]:
+        raise ValueError(f"mask is for {mask.num_heads} heads but q has {q.shape[2]}; rebuild the mask")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"num_heads={q.shape[2]} is not a multiple of num_kv_heads={k.shape[2]}")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"q_len={q.shape[1]} exceeds kv_len={k.shape[1]}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: MaskSpec,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+    **tuning: Any,
+) -> jax.Array:
+    """Band attention under a per-head :class:`MaskSpec` on Hopper, differentiable (custom VJP).
+
+    Args:
+      q: ``[B, Tq, H, D]`` bf16/fp16; k, v: ``[B, Tk, K, D]`` of the same dtype with ``H % K == 0``.
+        Queries are the last ``Tq`` of the ``Tk`` positions.
+      mask: per-head distance intervals (:meth:`MaskSpec.intervals` of ``Tk``).
+      q_segment_ids, kv_segment_ids: optional ``int [B, Tq]``, ``int [B, Tk]`` document ids; tokens
+        attend only within their document (masked elementwise on every visited tile).
+      scale: logit scale, default ``D ** -0.5`` (of the unpadded head dim).
+      block_q: forward query rows per consumer warpgroup (CTA = 2 x block_q rows); default 64.
+      block_kv: forward K/V tile; default 128. ``block_k`` is accepted as an alias.
+      num_stages: forward pipeline depth; default 2.
+      interpret: must be falsy: there is no CPU interpreter path (Mosaic GPU's interpreter lacks
+        ``run_state`` and layout casts); ``None`` is accepted for the shared signature.
+      **tuning: remaining :class:`Config` fields (backward blocks and stages, ``lpt``).
+
+    Returns:
+      ``[B, Tq, H, D]`` in ``q.dtype``; empty rows are 0 with zero gradients.
+    """
+    if interpret:
+        raise ValueError(
+            "pallas_mosaic_gpu has no interpret mode; use implementation='pallas_triton' (interpret) or 'reference'"
+        )
+    check_inputs(q, k, v, mask, q_segment_ids, kv_segment_ids)
+    if num_stages is not None:
+        tuning["num_stages"] = num_stages
+    config = make_config(block_q, block_kv, **tuning)
+    for kernel, used in config.smem_bytes(schedule.cdiv(q.shape[-1], _DIM_MULTIPLE) * _DIM_MULTIPLE).items():
+        if used > _SMEM_LIMIT:
+            raise ValueError(
+                f"pallas_mosaic_gpu {kernel} kernel needs {used} B of shared memory (> {_SMEM_LIMIT}) with {config}; "
+                f"use smaller blocks or fewer stages"
+            )
+    segments = q_segment_ids is not None
+    plan = make_plan(q.shape, k.shape, mask, scale=scale, segments=segments, config=config)
+    qp = _pad_axis(_pad_axis(q, 3, plan.head_dim), 1, plan.q_pad)
+    kp = _pad_axis(_pad_axis(k, 3, plan.head_dim), 1, plan.kv_pad)
+    vp = _pad_axis(_pad_axis(v, 3, plan.head_dim), 1, plan.kv_pad)
+    q_seg = kv_seg = None
+    if segments:
+        # Padding gets ids that no real token has, and that differ between rows and keys.
+        q_seg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, plan.q_pad, value=-1)
+        kv_seg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan.kv_pad, value=-2)
+    out = band_attention(plan, qp, kp, vp, q_seg, kv_seg)
+    return out[:, : plan.q_len, :, : q.shape[-1]]

@@ -1,0 +1,376 @@
+"""Backward band-attention kernels in Pallas Mosaic GPU (Hopper): dQ and dK/dV, band-aware loops.
+
+Two kernels, no atomics (kernels.md §8, the tokamax/jax two-kernel design); S and dP are recomputed
+in both. Each has one producer warpgroup streaming tiles with TMA through a ``num_stages_bwd`` ring
+and two consumer warpgroups running wgmma on their half of the CTA's tile:
+
+* dQ: a CTA owns ``2 * block_q_dq`` query rows of one (b, h) and loops over the K/V tiles of the
+  forward's runs (cut at the CTA's rows): ``P = exp2(S c - lse2)``, ``dP = dO V^T``,
+  ``dS = P (dP - delta)``, ``dQ += dS K``; finally ``dQ *= scale``.
+* dK/dV: a CTA owns ``2 * block_kv_dkv`` keys of one (b, h) and loops over the query tiles of the
+  transposed runs (exactly the query tiles whose band reaches these keys):
+  ``P^T = exp2(K Q^T c - lse2)``, ``dV += P^T dO``, ``dP^T = V dO^T``,
+  ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``; finally ``dK *= scale``. Outputs are per q head;
+  the caller sums GQA groups.
+
+``lse2`` arrives with ``+inf`` on empty and padded rows, so their probabilities are exactly 0 on
+every visited tile; ``delta = rowsum(O dO)`` (fp32) is computed outside. Both kernels use the same
+static work lists (heaviest units first) and run tables as the forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from spattn_jax.kernels import pallas_mosaic_gpu as common
+from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
+    COL,
+    COMPUTE_WGS,
+    CONSUMER_REGS,
+    LOG2E,
+    PRODUCER_REGS,
+    ROW,
+    WGMMA,
+    band_allowed,
+    bcast_cols,
+    bcast_rows,
+    compiler_params,
+    count_tiles,
+    item_loop,
+    load_vec,
+    loop_runs,
+    persistent_grid,
+    read_unit,
+    static_tables,
+    arrive_if,
+    tiled_smem,
+    wait_unless,
+)
+
+
+# -- dQ -----------------------------------------------------------------------------------------------
+
+
+def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
+    c = plan.config
+    bq, bk, stages, dim = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd, plan.head_dim
+    (items_ref, runs_ref, bands_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:9]
+    qseg_ref, kseg_ref = (refs[9], refs[10]) if plan.segments else (None, None)
+    n_in = 11 if plan.segments else 9
+    dq_ref = refs[n_in]
+    (q_smem2, do_smem2, dq_smem2, lse_smem2, delta_smem2, rows_ready, rows_free,
+     k_smem, v_smem, k_ready, v_ready, k_free, v_free) = refs[n_in + 1 :]
+    num_items = items_ref.shape[0]
+    flags = plan.masked_runs()
+    unit = functools.partial(read_unit, items_ref, runs_ref, bands_ref, slots=plan.slots, num_runs=len(flags))
+    wg = lax.axis_index("wg")
+    dtype = q_ref.dtype
+    coef = plan.scale * LOG2E
+
+    def row_slice(q_tile, w):
+        return pl.ds(q_tile * (COMPUTE_WGS * bq) + w * bq, bq)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        q_smem, do_smem, dq_smem = q_smem2.at[wg], do_smem2.at[wg], dq_smem2.at[wg]
+
+        def one_item(item, step):
+            b, h, q_tile, runs, bands = unit(item)
+            rows = row_slice(q_tile, wg)
+            row0 = rows.start
+            q_seg = load_vec(qseg_ref.at[b, rows], ROW, optimized=False) if plan.segments else None
+
+            def allowed(t):
+                r = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=WGMMA)
+                k = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=WGMMA)
+                ok = band_allowed(r - k + (row0 + plan.q_offset - t * bk), bands)
+                if plan.segments:
+                    k_seg = load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False)
+                    ok = ok & (bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk)))
+                return ok
+
+            def body(t, carry, *, masked: bool):
+                dq_acc, lse, delta, step = carry
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+
+                def compute_s_dp(acc_refs):
+                    # S = Q K^T and dP = dO V^T issued together: one wait for both.
+                    s_ref, dp_ref = acc_refs
+                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+
+                zeros = plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), WGMMA)
+                s, dp = pl.run_state(compute_s_dp)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                plgpu.barrier_arrive(v_free.at[slot])
+                p = jnp.exp2(s * coef - bcast_rows(lse, s.shape))
+                if masked:
+                    p = jnp.where(allowed(t), p, 0.0)
+                ds = p * (dp - bcast_rows(delta, dp.shape))
+
+                def compute_dq(acc_ref):
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+                dq_acc = pl.run_state(compute_dq)(plgpu.ACC.init(dq_acc))
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq_acc, lse, delta, step + 1
+
+            busy = count_tiles(runs) > 0
+            wait_unless(jnp.logical_not(busy), rows_ready.at[wg])
+            lse = load_vec(lse_smem2.at[wg], ROW)
+            delta = load_vec(delta_smem2.at[wg], ROW)
+            dq_acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
+            dq_acc, _, _, step = loop_runs(runs, flags, body, (dq_acc, lse, delta, step))
+            arrive_if(busy, rows_free.at[wg])  # only busy units: see the forward's q_free
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dQ left dq_smem
+            dq_smem[...] = (dq_acc * plan.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h])
+            return step
+
+        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _producer():
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+
+        def one_item(item, carry):
+            step, loaded = carry
+            b, h, q_tile, runs, _ = unit(item)
+            kv_head = h // plan.groups
+            busy = count_tiles(runs) > 0
+            for w in range(COMPUTE_WGS):
+                rows = row_slice(q_tile, w)
+
+                @pl.when(busy)  # an empty unit writes zeros and needs no rows
+                def _():
+                    wait_unless(loaded == 0, rows_free.at[w])
+                    # Four copies arrive on one barrier (num_arrivals=4).
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], rows_ready.at[w])
+                    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem2.at[w], rows_ready.at[w])
+                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem2.at[w], rows_ready.at[w])
+                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem2.at[w], rows_ready.at[w])
+
+            def body(t, step, *, masked: bool):
+                del masked
+                slot = lax.rem(step, stages)
+                tile = (b, pl.ds(t * bk, bk), kv_head)
+                wait_unless(step < stages, k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
+                wait_unless(step < stages, v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
+                return step + 1
+
+            return loop_runs(runs, flags, body, step), loaded + busy.astype(jnp.int32)
+
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
+
+
+def backward_dq(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
+    """``dQ [B, q_pad, H, Dp]`` in ``q.dtype`` (padded rows unwritten)."""
+    c = plan.config
+    bq, bk, stages, dim = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd, plan.head_dim
+    items, runs, bands = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
+    num_ctas = persistent_grid(plan, int(items.shape[0]))
+    dtype = q.dtype
+    scratch = [
+        tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # Q
+        tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # dO
+        tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # dQ staging
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse2
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta
+        plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),  # Q, dO, lse, delta ready
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # rows free (one arrival: its warpgroup)
+        tiled_smem((stages, bk, dim), dtype),  # K ring
+        tiled_smem((stages, bk, dim), dtype),  # V ring
+        plgpu.Barrier(num_barriers=stages),  # K ready
+        plgpu.Barrier(num_barriers=stages),  # V ready
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V free
+    ]
+    args = [items, runs, bands, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
+    return plgpu.kernel(
+        functools.partial(_dq_kernel, plan=plan, num_ctas=num_ctas),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=scratch,
+        grid=(num_ctas,),
+        grid_names=("cta",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=compiler_params(),
+    )(*args)
+
+
+# -- dK / dV ------------------------------------------------------------------------------------------
+
+
+def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
+    c = plan.config
+    bq, bk, stages, dim = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd, plan.head_dim
+    (items_ref, runs_ref, bands_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:9]
+    qseg_ref, kseg_ref = (refs[9], refs[10]) if plan.segments else (None, None)
+    n_in = 11 if plan.segments else 9
+    dk_ref, dv_ref = refs[n_in : n_in + 2]
+    (k_smem2, v_smem2, dk_smem2, dv_smem2, keys_ready, keys_free,
+     q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, q_free, do_free) = refs[n_in + 2 :]
+    num_items = items_ref.shape[0]
+    flags = plan.masked_runs()
+    unit = functools.partial(read_unit, items_ref, runs_ref, bands_ref, slots=plan.slots, num_runs=len(flags))
+    wg = lax.axis_index("wg")
+    dtype = q_ref.dtype
+    coef = plan.scale * LOG2E
+
+    def key_slice(kv_tile, w):
+        return pl.ds(kv_tile * (COMPUTE_WGS * bk) + w * bk, bk)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        dk_smem, dv_smem = dk_smem2.at[wg], dv_smem2.at[wg]
+
+        def one_item(item, step):
+            b, h, kv_tile, runs, bands = unit(item)
+            keys = key_slice(kv_tile, wg)
+            key0 = keys.start
+            k_seg = load_vec(kseg_ref.at[b, keys], ROW, optimized=False) if plan.segments else None
+
+            def allowed(t):
+                # Rows are keys, columns are queries: distance = query position - key position.
+                kr = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=WGMMA)
+                qc = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=WGMMA)
+                ok = band_allowed(qc - kr + (t * bq + plan.q_offset - key0), bands)
+                if plan.segments:
+                    q_seg = load_vec(qseg_ref.at[b, pl.ds(t * bq, bq)], COL, optimized=False)
+                    ok = ok & (bcast_rows(k_seg, (bk, bq)) == bcast_cols(q_seg, (bk, bq)))
+                return ok
+
+            def body(t, carry, *, masked: bool):
+                dk_acc, dv_acc, step = carry
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(q_ready.at[slot])
+                plgpu.barrier_wait(do_ready.at[slot])
+
+                def compute_st_dpt(acc_refs):
+                    # S^T = K Q^T and dP^T = V dO^T issued together: one wait for both.
+                    st_ref, dpt_ref = acc_refs
+                    plgpu.wgmma(st_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(dpt_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+
+                zeros = plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32), WGMMA)
+                st, dpt = pl.run_state(compute_st_dpt)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                lse = load_vec(lse_smem.at[slot], COL)
+                delta = load_vec(delta_smem.at[slot], COL)
+                pt = jnp.exp2(st * coef - bcast_cols(lse, st.shape))
+                if masked:
+                    pt = jnp.where(allowed(t), pt, 0.0)
+                dst = pt * (dpt - bcast_cols(delta, dpt.shape))
+
+                def compute_dv_dk(acc_refs):
+                    # dV += P^T dO and dK += dS^T Q issued together.
+                    dv_acc_ref, dk_acc_ref = acc_refs
+                    plgpu.wgmma(dv_acc_ref, pt.astype(dtype), do_smem.at[slot])
+                    plgpu.wgmma(dk_acc_ref, dst.astype(dtype), q_smem.at[slot])
+
+                dv_acc, dk_acc = pl.run_state(compute_dv_dk)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(dk_acc)))
+                plgpu.barrier_arrive(q_free.at[slot])
+                plgpu.barrier_arrive(do_free.at[slot])
+                return dk_acc, dv_acc, step + 1
+
+            zero = lambda: plgpu.layout_cast(jnp.zeros((bk, dim), jnp.float32), WGMMA)  # noqa: E731
+            busy = count_tiles(runs) > 0
+            wait_unless(jnp.logical_not(busy), keys_ready.at[wg])
+            dk_acc, dv_acc, step = loop_runs(runs, flags, body, (zero(), zero(), step))
+            arrive_if(busy, keys_free.at[wg])  # only busy units: see the forward's q_free
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dK/dV left staging
+            dk_smem[...] = (dk_acc * plan.scale).astype(dtype)
+            dv_smem[...] = dv_acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, keys, h], commit_group=False)
+            plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, keys, h], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            return step
+
+        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _producer():
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+
+        def one_item(item, carry):
+            step, loaded = carry
+            b, h, kv_tile, runs, _ = unit(item)
+            kv_head = h // plan.groups
+            busy = count_tiles(runs) > 0
+            for w in range(COMPUTE_WGS):
+                keys = key_slice(kv_tile, w)
+
+                @pl.when(busy)  # keys no query sees get dK = dV = 0 and need no loads
+                def _():
+                    wait_unless(loaded == 0, keys_free.at[w])
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem2.at[w], keys_ready.at[w])
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem2.at[w], keys_ready.at[w])
+
+            def body(t, step, *, masked: bool):
+                del masked
+                slot = lax.rem(step, stages)
+                rows = pl.ds(t * bq, bq)
+                wait_unless(step < stages, q_free.at[slot])
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], q_ready.at[slot])
+                wait_unless(step < stages, do_free.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_ready.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], do_ready.at[slot])
+                return step + 1
+
+            return loop_runs(runs, flags, body, step), loaded + busy.astype(jnp.int32)
+
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
+
+
+def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
+    """``(dK, dV)``, each ``[B, kv_pad, H, Dp]`` in ``k.dtype``: per q head (sum GQA groups after)."""
+    c = plan.config
+    bq, bk, stages, dim = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd, plan.head_dim
+    items, runs, bands = static_tables(plan, bq, COMPUTE_WGS * bk, transpose=True)
+    num_ctas = persistent_grid(plan, int(items.shape[0]))
+    dtype = k.dtype
+    scratch = [
+        tiled_smem((COMPUTE_WGS, bk, dim), dtype),  # K
+        tiled_smem((COMPUTE_WGS, bk, dim), dtype),  # V
+        tiled_smem((COMPUTE_WGS, bk, dim), dtype),  # dK staging
+        tiled_smem((COMPUTE_WGS, bk, dim), dtype),  # dV staging
+        plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),  # K, V ready
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K, V free (one arrival: its warpgroup)
+        tiled_smem((stages, bq, dim), dtype),  # Q ring
+        tiled_smem((stages, bq, dim), dtype),  # dO ring
+        plgpu.SMEM((stages, bq), jnp.float32),  # lse2 ring
+        plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # Q + lse ready
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO + delta ready
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # Q free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dO free
+    ]
+    out_shape = jax.ShapeDtypeStruct((plan.batch, plan.kv_pad, plan.num_heads, dim), dtype)
+    args = [items, runs, bands, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkv_kernel, plan=plan, num_ctas=num_ctas),
+        out_type=[out_shape, out_shape],
+        scratch_types=scratch,
+        grid=(num_ctas,),
+        grid_names=("cta",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=compiler_params(),
+    )(*args)
+    return dk, dv

@@ -1,0 +1,336 @@
+"""Forward band-attention kernel in Pallas Mosaic GPU (Hopper): TMA + wgmma, FA3-style warpgroups.
+
+A CTA works on one work-list entry ``(b, h, q_tile)`` of ``2 * block_q`` query rows at a time (by
+default one entry per CTA; ``Config.num_ctas`` > 0 or None makes the CTAs persistent, walking the
+list with a stride -- experimental, it hung on the H100 whenever a CTA had several entries):
+
+* warpgroups 0 and 1 (consumers) own ``block_q`` rows each: ``S = Q K^T`` and ``O += P V`` with
+  wgmma from shared memory, online softmax in registers (base 2, fp32). A shared "schedule"
+  barrier staggers them, so one warpgroup's softmax overlaps the other's matmuls (FA3 ping-pong,
+  as in jax's ``attention_mgpu.py``);
+* warpgroup 2 (producer) loads each busy unit's Q halves and streams the K and V tiles of its runs
+  into a ``num_stages`` ring with TMA; per-slot "ready" barriers (TMA transaction counts) and
+  "free" barriers (one arrival per consumer warpgroup) pace it. A unit with no tile loads nothing
+  and writes O = 0, LSE = -inf.
+
+Both consumers and the producer walk the same run list (schedule.py, at the CTA's ``2 * block_q``
+rows), so every barrier sees the same number of phases in every warpgroup even when a run is empty.
+Interior runs skip the element mask; edge runs (and every run when segment ids are given) evaluate
+the head's full predicate: OR over its intervals of ``lo <= i - j < hi`` (and equal segment ids).
+
+Outputs: ``O [B, q_pad, H, Dp]`` in the input dtype and the base-2 log-sum-exp
+``lse2 [B, H, q_pad]`` (``m + log2 l`` of the logits scaled by ``scale * log2 e``; ``-inf`` on
+empty rows), which the backward reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from spattn_jax.kernels import pallas_mosaic_gpu as common
+
+LOG2E = math.log2(math.e)
+RCP_LN2 = 1.0 / math.log(2.0)
+COMPUTE_WGS = 2
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+PRODUCER_REGS, CONSUMER_REGS = 40, 232  # 2 x 128 x 232 + 128 x 40 <= 64K registers per SM
+
+# JAX 0.10 requires plgpu.load's index argument; 0.11 deprecates it (index the ref instead).
+_LOAD_TAKES_IDX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+# -- shared helpers (the backward imports these) ------------------------------------------------------
+
+
+def compiler_params() -> plgpu.CompilerParams:
+    """Approximate exp2/log and Lane semantics (explicit: JAX 0.11 defaults to Warpgroup)."""
+    return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
+def tiled_smem(shape, dtype) -> plgpu.SMEM:
+    """Shared memory in the layout wgmma and TMA want for 2-byte rows of 64-multiples: 128 B swizzle."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def load_vec(ref, layout, *, optimized: bool = True):
+    """Load a 1-D ref (SMEM, or GMEM with ``optimized=False``) into registers with ``layout``."""
+    if _LOAD_TAKES_IDX:
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
+
+
+def bcast_rows(x, shape):
+    """``[rows]`` -> ``shape``: the value of each row repeated along the columns."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def bcast_cols(x, shape):
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def band_allowed(dist, bands):
+    """``bool`` like ``dist`` (query position minus key position): OR over ``(lo, hi)`` scalars."""
+    ok = None
+    for lo, hi in bands:
+        term = (dist >= lo) & (dist < hi)
+        ok = term if ok is None else ok | term
+    return ok
+
+
+def read_unit(items_ref, runs_ref, bands_ref, item, slots: int, num_runs: int):
+    """Scalars of work item ``item``: ``(b, h, tile)``, its runs ``[(start, stop)]`` and bands ``[(lo, hi)]``."""
+    b, h, tile = items_ref[item, 0], items_ref[item, 1], items_ref[item, 2]
+    runs = [(runs_ref[h, tile, 2 * r], runs_ref[h, tile, 2 * r + 1]) for r in range(num_runs)]
+    bands = [(bands_ref[h, 2 * s], bands_ref[h, 2 * s + 1]) for s in range(slots)]
+    return b, h, tile, runs, bands
+
+
+def loop_runs(runs, masked_flags, body, carry):
+    """``body(t, carry, masked=flag)`` over every tile of every run, in order."""
+    for (start, stop), masked in zip(runs, masked_flags):
+        carry = lax.fori_loop(start, stop, functools.partial(body, masked=masked), carry)
+    return carry
+
+
+def persistent_grid(plan: common.Plan, num_items: int) -> int:
+    """CTAs to launch: one per SM (persistent), or one per work item when ``num_ctas == 0``."""
+    want = plan.config.num_ctas
+    if want == 0:
+        return num_items
+    if want is None:
+        want = int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    return max(1, min(want, num_items))
+
+
+def item_loop(num_items: int, num_ctas: int, body, carry):
+    """``body(item, carry)`` over this CTA's work items: ``cta, cta + G, cta + 2G, ...``.
+
+    The list is sorted heaviest first, so the strided split hands every CTA one unit of each
+    "wave" of the LPT order.
+    """
+    cta = lax.axis_index("cta")
+    count = lax.div(num_items - cta + (num_ctas - 1), num_ctas)
+    return lax.fori_loop(0, count, lambda j, c: body(cta + j * num_ctas, c), carry)
+
+
+def count_tiles(runs):
+    """Tiles a unit visits; units with none skip their row loads (both sides test the same count)."""
+    total = jnp.int32(0)
+    for start, stop in runs:
+        total = total + jnp.maximum(stop - start, 0)
+    return total
+
+
+def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool):
+    """(work list, run table, interval table) as device constants for one kernel's geometry.
+
+    ``block_q`` / ``block_k`` are the query and key tiles the schedule is cut at: the CTA's tile on
+    its own axis (both consumer warpgroups together) and the pipelined tile on the other.
+    """
+    runs = common.run_table(plan.intervals, block_q, block_k, plan.q_len, plan.kv_len, transpose)
+    items = common.work_list(common.run_lengths(runs), plan.batch, lpt=plan.config.lpt)
+    return jnp.asarray(items), jnp.asarray(runs), jnp.asarray(common.interval_table(plan))
+
+
+# -- the kernel ---------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
+    c = plan.config
+    bq, bk, stages, dim = c.block_q, c.block_kv, c.num_stages, plan.head_dim
+    n_in = 8 if plan.segments else 6
+    items_ref, runs_ref, bands_ref, q_ref, k_ref, v_ref = refs[:6]
+    qseg_ref, kseg_ref = refs[6:8] if plan.segments else (None, None)
+    o_ref, lse_ref = refs[n_in : n_in + 2]
+    (q_smem2, o_smem2, k_smem, v_smem, lse_smem2, q_ready, q_free, k_ready, v_ready, k_free, v_free, sched) = refs[
+        n_in + 2 :
+    ]
+    num_items = items_ref.shape[0]
+    flags = plan.masked_runs()
+    unit = functools.partial(read_unit, items_ref, runs_ref, bands_ref, slots=plan.slots, num_runs=len(flags))
+    wg = lax.axis_index("wg")
+    dtype = q_ref.dtype
+    coef = plan.scale * LOG2E  # logits -> base-2 exponent units
+
+    def schedule_sync():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        q_smem, o_smem, lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
+
+        def one_item(item, step):
+            b, h, q_tile, runs, bands = unit(item)
+            row0 = q_tile * (COMPUTE_WGS * bq) + wg * bq
+            q_seg = load_vec(qseg_ref.at[b, pl.ds(row0, bq)], ROW, optimized=False) if plan.segments else None
+
+            def allowed(t):
+                rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=WGMMA)
+                cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=WGMMA)
+                ok = band_allowed(rows - cols + (row0 + plan.q_offset - t * bk), bands)
+                if plan.segments:
+                    k_seg = load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False)
+                    ok = ok & (bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk)))
+                return ok
+
+            def body(t, carry, *, masked: bool):
+                acc, m_i, l_i, step = carry
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    schedule_sync()  # the other warpgroup's softmax runs under this matmul
+                    return acc_ref[...]
+
+                s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    s = jnp.where(allowed(t), s, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1) * coef)
+                # A row with no allowed key so far has m = -inf: shift by 0 instead (exp2(-inf) = 0,
+                # no NaN). Interior tiles give every row a finite logit, so they skip the guard.
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                alpha = jnp.exp2(m_i - m_use)
+                p = jnp.exp2(s * coef - bcast_rows(m_use, s.shape))
+                acc = acc * bcast_rows(alpha, acc.shape)
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                # Ordering that attention_mgpu found fastest for head_dim <= 128: finish the softmax,
+                # then release the tensor core to the other warpgroup.
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(sched)
+
+                def compute_pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i, step + 1
+
+            acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
+            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), ROW)
+            l_i = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), ROW)
+            busy = count_tiles(runs) > 0
+            wait_unless(jnp.logical_not(busy), q_ready.at[wg])
+            acc, m_i, l_i, step = loop_runs(runs, flags, body, (acc, m_i, l_i, step))
+            # The producer may load the next busy unit's Q now. Only busy units arrive: an empty
+            # one never waited for its Q, so arriving there would let this side run two phases
+            # ahead of the producer's parity wait (a deadlock).
+            arrive_if(busy, q_free.at[wg])
+
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            acc = acc * bcast_rows(1.0 / l_safe, acc.shape)
+            lse = jnp.where(empty, -jnp.inf, m_i + jnp.log(l_safe) * RCP_LN2)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous unit's O left o_smem
+            o_smem[...] = acc.astype(dtype)
+            lse_smem[...] = lse
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(row0, bq), h], commit_group=False)
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(row0, bq)], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            return step
+
+        pl.when(wg == 1)(schedule_sync)  # stagger: warpgroup 1 starts one phase behind
+        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+        pl.when(wg == 0)(schedule_sync)
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _producer():
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+
+        def one_item(item, carry):
+            step, loaded = carry
+            b, h, q_tile, runs, _ = unit(item)
+            kv_head = h // plan.groups
+            busy = count_tiles(runs) > 0
+            for w in range(COMPUTE_WGS):  # this unit's Q, once each half's previous Q is done
+                rows = pl.ds(q_tile * (COMPUTE_WGS * bq) + w * bq, bq)
+
+                @pl.when(busy)  # an empty unit writes zeros and needs no Q
+                def _():
+                    wait_unless(loaded == 0, q_free.at[w])
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], q_ready.at[w])
+
+            def body(t, step, *, masked: bool):
+                del masked
+                slot = lax.rem(step, stages)
+                tile = (b, pl.ds(t * bk, bk), kv_head)
+                wait_unless(step < stages, k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
+                wait_unless(step < stages, v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
+                return step + 1
+
+            return loop_runs(runs, flags, body, step), loaded + busy.astype(jnp.int32)
+
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
+
+
+def arrive_if(pred, barrier):
+    @pl.when(pred)
+    def _():
+        plgpu.barrier_arrive(barrier)
+
+
+def wait_unless(skip, barrier):
+    """``barrier_wait`` unless ``skip`` (a ring slot or buffer that has never been used is free)."""
+
+    @pl.when(jnp.logical_not(skip))
+    def _():
+        plgpu.barrier_wait(barrier)
+
+
+def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
+    """``(O [B, q_pad, H, Dp], lse2 [B, H, q_pad])`` for padded inputs (see the module docstring)."""
+    c = plan.config
+    bq, bk, stages, dim = c.block_q, c.block_kv, c.num_stages, plan.head_dim
+    items, runs, bands = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
+    num_ctas = persistent_grid(plan, int(items.shape[0]))
+    dtype = q.dtype
+    scratch = [
+        tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # Q
+        tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # O staging
+        tiled_smem((stages, bk, dim), dtype),  # K ring
+        tiled_smem((stages, bk, dim), dtype),  # V ring
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # LSE staging
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # Q ready
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # Q free (one arrival: its warpgroup)
+        plgpu.Barrier(num_barriers=stages),  # K ready
+        plgpu.Barrier(num_barriers=stages),  # V ready
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # schedule (ping-pong)
+    ]
+    out_type = [
+        jax.ShapeDtypeStruct(q.shape, dtype),
+        jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
+    ]
+    args = [items, runs, bands, q, k, v] + ([q_seg, kv_seg] if plan.segments else [])
+    out, lse = plgpu.kernel(
+        functools.partial(_fwd_kernel, plan=plan, num_ctas=num_ctas),
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(num_ctas,),
+        grid_names=("cta",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=compiler_params(),
+    )(*args)
+    return out, lse

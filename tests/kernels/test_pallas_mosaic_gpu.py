@@ -1,0 +1,290 @@
+"""CPU tests of the Pallas Mosaic GPU band kernel (spattn_jax/kernels/pallas_mosaic_gpu*.py).
+
+What runs where:
+
+* The kernel *values* are checked on an H100 only: the shared kernel test body
+  (tests/kernels/test_kernels.py, row ``pallas_mosaic_gpu``, skipped without an sm90 GPU) and
+  ``bench/mgpu_dev.py check`` (outputs and dq/dk/dv against the fp32 reference; bench/NOTES_mgpu.md).
+  JAX 0.10.2's Mosaic GPU interpreter cannot run these kernels on the CPU: it has no rule for
+  ``run_state`` (the in-place wgmma accumulator) nor for layout casts, and a warp-specialised
+  attention kernel (jax's own ``attention_mgpu``) hung in it.
+* Here, on the CPU: the static schedule the kernels launch (work list, LPT order, run tables at the
+  CTA geometry, checked by hypothesis against ``MaskSpec.dense``), a NumPy emulation of the forward's
+  tile loop (runs, unmasked interiors, masked edges, the empty-row guard) against the reference, the
+  input checks, and *lowering*: all three kernels are traced and lowered to Mosaic GPU for CUDA
+  (``lower(lowering_platforms=("cuda",))``), which catches tracing, layout and lowering errors
+  without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spattn_jax import masks
+from spattn_jax.kernels import pallas_mosaic_gpu as mg
+from spattn_jax.kernels import reference
+
+
+# -- work list ---------------------------------------------------------------------------------------
+
+
+@given(
+    heads=st.integers(1, 6),
+    tiles=st.integers(1, 7),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+)
+def test_work_list_is_a_permutation_heaviest_first(heads, tiles, batch, seed):
+    lengths = np.random.default_rng(seed).integers(0, 5, size=(heads, tiles))
+    items = mg.work_list(lengths, batch)
+    assert items.dtype == np.int32 and items.shape == (batch * heads * tiles, 3)
+    assert len({tuple(r) for r in items}) == items.shape[0]  # every unit exactly once
+    w = lengths[items[:, 1], items[:, 2]]
+    assert np.all(np.diff(w) <= 0), "LPT: non-increasing work"
+    # Ties are head-major: within equal work, (h, b, t) ascends.
+    for a, b in zip(items[:-1], items[1:]):
+        if lengths[a[1], a[2]] == lengths[b[1], b[2]]:
+            assert (a[1], a[0], a[2]) < (b[1], b[0], b[2])
+
+
+def test_work_list_plain_order():
+    lengths = np.array([[0, 3], [5, 1]])
+    items = mg.work_list(lengths, 2, lpt=False)
+    assert [tuple(r) for r in items[:4]] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
+
+
+def test_lpt_beats_plain_order_on_exclusive_bands():
+    # EBALL at N = 8192, H = 16, 128-row CTAs: head 0 has the most tiles and is launched first.
+    spec = masks.make("spattention_exclusive", num_heads=16, band_len=None)
+    runs = mg.run_table(spec.intervals(8192), 128, 128, 8192, 8192, False)
+    lengths = mg.run_lengths(runs)
+    lpt = mg.lpt_makespan(lengths, 2, 132, overhead=0.5)
+    plain = mg.lpt_makespan(lengths, 2, 132, lpt=False, overhead=0.5)
+    assert lpt <= plain
+    total = float(lengths.sum() * 2 + 0.5 * lengths.size * 2)
+    assert lpt <= 1.05 * total / 132 + lengths.max() + 0.5  # near the average load
+
+
+# -- run tables at the kernels' geometries -----------------------------------------------------------
+
+
+def _visited_pairs(runs, h, tile, block_rows, block_inner, transpose, q_len, kv_len):
+    """bool [q_len, kv_len]: pairs inside tiles a unit visits (rows: its CTA tile)."""
+    out = np.zeros((q_len, kv_len), bool)
+    flat = runs[h, tile]
+    for r in range(flat.size // 2):
+        for t in range(flat[2 * r], flat[2 * r + 1]):
+            if transpose:
+                out[t * block_inner : (t + 1) * block_inner, tile * block_rows : (tile + 1) * block_rows] = True
+            else:
+                out[tile * block_rows : (tile + 1) * block_rows, t * block_inner : (t + 1) * block_inner] = True
+    return out
+
+
+@settings(max_examples=25)
+@given(
+    variant=st.sampled_from(masks.VARIANTS),
+    heads=st.sampled_from([1, 2, 4, 8]),
+    kv_len=st.integers(1, 600),
+    q_short=st.integers(0, 100),
+    rows=st.sampled_from([128, 256]),
+    inner=st.sampled_from([64, 128]),
+)
+def test_cta_runs_cover_the_mask(variant, heads, kv_len, q_short, rows, inner):
+    """Forward/dQ (CTA rows x K tiles) and dK/dV (Q tiles x CTA keys) visit every allowed pair once."""
+    q_len = max(1, kv_len - q_short)
+    if kv_len < heads:
+        return
+    spec = masks.make(variant, num_heads=heads, band_len=None)
+    ivs = spec.intervals(kv_len)
+    dense = spec.dense(q_len, kv_len)
+    fwd = mg.run_table(ivs, rows, inner, q_len, kv_len, False)
+    dkv = mg.run_table(ivs, inner, rows, q_len, kv_len, True)
+    for h in range(heads):
+        seen_f = np.zeros((q_len, kv_len), int)
+        for tile in range(fwd.shape[1]):
+            seen_f += _visited_pairs(fwd, h, tile, rows, inner, False, q_len, kv_len)
+        seen_t = np.zeros((q_len, kv_len), int)
+        for tile in range(dkv.shape[1]):
+            seen_t += _visited_pairs(dkv, h, tile, rows, inner, True, q_len, kv_len)
+        assert np.all(seen_f[dense[h]] == 1) and np.all(seen_t[dense[h]] == 1)
+        assert seen_f.max(initial=0) <= 1 and seen_t.max(initial=0) <= 1
+
+
+# -- NumPy emulation of the forward kernel's tile loop -----------------------------------------------
+
+
+def _emulate_forward(plan: mg.Plan, q, k, v, q_seg=None, kv_seg=None):
+    """What the forward kernel computes, step by step, in float64: per work item, per consumer half,
+    per run tile; masks only on masked runs; base-2 online softmax with the empty-row guard."""
+    c = plan.config
+    bq, bk = c.block_q, c.block_kv
+    runs = mg.run_table(plan.intervals, 2 * bq, bk, plan.q_len, plan.kv_len, False)
+    items = mg.work_list(mg.run_lengths(runs), plan.batch, lpt=c.lpt)
+    bands = mg.interval_table(plan)
+    flags = plan.masked_runs()
+    coef = plan.scale * math.log2(math.e)
+    out = np.full(q.shape, np.nan)  # unvisited rows stay NaN
+    lse = np.full((plan.batch, plan.num_heads, plan.q_pad), np.nan)
+    for b, h, tile in items:
+        for wg in range(2):
+            row0 = tile * 2 * bq + wg * bq
+            qi = q[b, row0 : row0 + bq, h]
+            acc, m, l = np.zeros((bq, q.shape[-1])), np.full(bq, -np.inf), np.zeros(bq)
+            for r, masked in enumerate(flags):
+                for t in range(runs[h, tile, 2 * r], runs[h, tile, 2 * r + 1]):
+                    kj = k[b, t * bk : (t + 1) * bk, h // plan.groups]
+                    vj = v[b, t * bk : (t + 1) * bk, h // plan.groups]
+                    s = qi @ kj.T
+                    if masked:
+                        dist = (np.arange(bq)[:, None] + row0 + plan.q_offset) - (np.arange(bk)[None, :] + t * bk)
+                        ok = np.zeros_like(dist, bool)
+                        for sl in range(plan.slots):
+                            ok |= (dist >= bands[h, 2 * sl]) & (dist < bands[h, 2 * sl + 1])
+                        if plan.segments:
+                            ok &= q_seg[b, row0 : row0 + bq, None] == kv_seg[b, None, t * bk : (t + 1) * bk]
+                        s = np.where(ok, s, -np.inf)
+                    m_new = np.maximum(m, s.max(1) * coef)
+                    m_use = np.where(m_new == -np.inf, 0.0, m_new) if masked else m_new
+                    alpha = np.exp2(m - m_use)
+                    p = np.exp2(s * coef - m_use[:, None])
+                    acc = acc * alpha[:, None] + p @ vj
+                    l = l * alpha + p.sum(1)
+                    m = m_new
+            empty = l == 0
+            out[b, row0 : row0 + bq, h] = acc / np.where(empty, 1.0, l)[:, None]
+            lse[b, h, row0 : row0 + bq] = np.where(empty, -np.inf, m + np.log2(np.where(empty, 1.0, l)))
+    return out, lse
+
+
+@pytest.mark.parametrize(
+    "variant,n,heads,kv_heads,docs,config",
+    [
+        ("spattention", 700, 4, 2, 1, mg.Config()),
+        ("spattention_exclusive", 520, 4, 4, 1, mg.Config(block_kv=64)),
+        ("spattention", 300, 2, 1, 3, mg.Config()),
+        ("gapped", 256, 8, 8, 1, mg.Config(block_q=128)),
+        ("balanced", 640, 8, 4, 1, mg.Config(block_kv=64, lpt=False)),
+    ],
+)
+def test_forward_emulation_matches_reference(variant, n, heads, kv_heads, docs, config):
+    rng = np.random.default_rng(n)
+    d = 64
+    spec = masks.make(variant, num_heads=heads, band_len=None)
+    seg = None
+    if docs > 1:
+        cuts = np.sort(rng.choice(np.arange(1, n), size=docs - 1, replace=False))
+        seg = np.searchsorted(cuts, np.arange(n), side="right")[None].astype(np.int32)
+    plan = mg.make_plan((1, n, heads, d), (1, n, kv_heads, d), spec, scale=None, segments=seg is not None, config=config)
+    q = rng.standard_normal((1, plan.q_pad, heads, d))
+    k = rng.standard_normal((1, plan.kv_pad, kv_heads, d))
+    v = rng.standard_normal((1, plan.kv_pad, kv_heads, d))
+    q[:, n:] = 0.0
+    k[:, n:] = 0.0
+    v[:, n:] = 0.0
+    pad = lambda x, val: None if x is None else np.pad(x, ((0, 0), (0, plan.q_pad - n)), constant_values=val)  # noqa: E731
+    out, lse = _emulate_forward(plan, q, k, v, pad(seg, -1), pad(seg, -2))
+    ref, ref_lse = reference.attention(
+        *(jnp.asarray(x[:, :n], jnp.float32) for x in (q, k, v)),
+        mask=spec, q_segment_ids=None if seg is None else jnp.asarray(seg),
+        kv_segment_ids=None if seg is None else jnp.asarray(seg), return_lse=True,
+    )
+    assert np.all(np.isfinite(out[:, :n]))
+    np.testing.assert_allclose(out[:, :n], np.asarray(ref), atol=2e-5, rtol=2e-5)
+    # The kernel's LSE is base 2; the reference's is natural.
+    got, want = lse[:, :, :n] * math.log(2.0), np.asarray(ref_lse)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], atol=1e-4, rtol=1e-4)
+
+
+# -- backward helpers ----------------------------------------------------------------------------------
+
+
+def test_backward_lse_marks_empty_and_padded_rows():
+    spec = masks.make("spattention_exclusive", num_heads=2, band_len=None)
+    plan = mg.make_plan((1, 100, 2, 64), (1, 100, 2, 64), spec, scale=None, segments=False, config=mg.Config())
+    lse = jnp.zeros((1, 2, plan.q_pad)).at[0, 1, 3].set(-jnp.inf)
+    out = np.asarray(mg.backward_lse(plan, lse))
+    assert out[0, 1, 3] == np.inf and np.all(out[..., 100:] == np.inf)
+    assert np.isfinite(out[0, 0, :100]).all()
+
+
+def test_backward_delta_ignores_padded_rows():
+    spec = masks.make("causal", num_heads=1, band_len=None)
+    plan = mg.make_plan((1, 3, 1, 64), (1, 3, 1, 64), spec, scale=None, segments=False, config=mg.Config())
+    out = jnp.full((1, plan.q_pad, 1, 64), jnp.nan).at[:, :3].set(1.0)
+    do = jnp.zeros((1, plan.q_pad, 1, 64)).at[:, :3].set(2.0)
+    delta = np.asarray(mg.backward_delta(plan, out, do))
+    assert delta.shape == (1, 1, plan.q_pad)
+    np.testing.assert_array_equal(delta[0, 0, :3], 128.0)
+    assert np.all(delta[0, 0, 3:] == 0)
+
+
+# -- inputs and config ---------------------------------------------------------------------------------
+
+
+def test_rejects_fp32_and_names_the_alternatives():
+    spec = masks.make("spattention", num_heads=2, band_len=None)
+    x = jnp.zeros((1, 64, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="pallas_triton"):
+        mg.attention(x, x, x, mask=spec)
+
+
+def test_rejects_interpret_mode():
+    spec = masks.make("spattention", num_heads=2, band_len=None)
+    x = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="interpret"):
+        mg.attention(x, x, x, mask=spec, interpret=True)
+
+
+def test_config_validation_and_padding_units():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mg.Config(block_q=32)
+    with pytest.raises(ValueError, match="unknown pallas_mosaic_gpu option"):
+        mg.make_config(block_x=64)
+    assert mg.make_config(block_k=64).block_kv == 64
+    c = mg.Config(block_q=64, block_kv=128, block_q_dq=128, block_kv_dkv=64)
+    assert c.q_multiple == 256 and c.kv_multiple == 128
+    spec = masks.make("spattention", num_heads=4, band_len=None)
+    plan = mg.make_plan((2, 1000, 4, 96), (2, 1000, 2, 96), spec, scale=None, segments=False, config=c)
+    assert (plan.q_pad, plan.kv_pad, plan.head_dim, plan.groups) == (1024, 1024, 128, 2)
+    assert plan.scale == pytest.approx(96**-0.5)
+
+
+def test_not_supported_on_cpu():
+    assert mg.is_supported() is False
+
+
+# -- lowering to Mosaic GPU (no GPU needed) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant,segments,kv_heads,options",
+    [
+        ("spattention", False, 4, {}),
+        ("spattention_exclusive", True, 2, {}),
+        ("causal", False, 1, dict(block_kv=64, num_stages=3, num_stages_bwd=3, num_ctas=None)),
+    ],
+)
+def test_kernels_lower_for_cuda(variant, segments, kv_heads, options):
+    b, n, h, d = 1, 1000, 4, 96
+    spec = masks.make(variant, num_heads=h, band_len=None)
+    q = jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, n, kv_heads, d), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((b, n), jnp.int32) if segments else None
+
+    def loss(q, k, v, seg):
+        o = mg.attention(q, k, v, mask=spec, q_segment_ids=seg, kv_segment_ids=seg, **options)
+        return jnp.sum(o.astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("mosaic_gpu") >= 3  # forward, dQ and dK/dV custom calls
