@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spattn_jax.kernels import schedule
+from spattn_jax.kernels.common import pad_axis, sum_gqa_groups
 from spattn_jax.masks import MaskSpec
 
 _DIM_MULTIPLE = 64  # wgmma/TMA with 128-byte swizzle: head dims and tiles in multiples of 64
@@ -280,9 +281,7 @@ def _band_attention_bwd(plan: Plan, res, do):
     dq = bwd.backward_dq(plan, q, k, v, do, lse, delta, q_seg, kv_seg)
     dk, dv = bwd.backward_dkv(plan, q, k, v, do, lse, delta, q_seg, kv_seg)
     if plan.groups > 1:
-        b, t, _, d = dk.shape
-        dk = dk.reshape(b, t, plan.num_kv, plan.groups, d).astype(jnp.float32).sum(3).astype(k.dtype)
-        dv = dv.reshape(b, t, plan.num_kv, plan.groups, d).astype(jnp.float32).sum(3).astype(v.dtype)
+        dk, dv = sum_gqa_groups(dk, plan.num_kv, k.dtype), sum_gqa_groups(dv, plan.num_kv, v.dtype)
     return dq, dk, dv, None, None
 
 
@@ -290,14 +289,6 @@ band_attention.defvjp(_band_attention_fwd, _band_attention_bwd)
 
 
 # -- public entry point ---------------------------------------------------------------------------------
-
-
-def _pad_axis(x, axis: int, size: int, value=0):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def make_config(block_q: int | None = None, block_kv: int | None = None, **tuning: Any) -> Config:
@@ -410,13 +401,13 @@ def attention(
             )
     segments = q_segment_ids is not None
     plan = make_plan(q.shape, k.shape, mask, scale=scale, segments=segments, config=config)
-    qp = _pad_axis(_pad_axis(q, 3, plan.head_dim), 1, plan.q_pad)
-    kp = _pad_axis(_pad_axis(k, 3, plan.head_dim), 1, plan.kv_pad)
-    vp = _pad_axis(_pad_axis(v, 3, plan.head_dim), 1, plan.kv_pad)
+    qp = pad_axis(pad_axis(q, 3, plan.head_dim), 1, plan.q_pad)
+    kp = pad_axis(pad_axis(k, 3, plan.head_dim), 1, plan.kv_pad)
+    vp = pad_axis(pad_axis(v, 3, plan.head_dim), 1, plan.kv_pad)
     q_seg = kv_seg = None
     if segments:
         # Padding gets ids that no real token has, and that differ between rows and keys.
-        q_seg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, plan.q_pad, value=-1)
-        kv_seg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan.kv_pad, value=-2)
+        q_seg = pad_axis(q_segment_ids.astype(jnp.int32), 1, plan.q_pad, value=-1)
+        kv_seg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan.kv_pad, value=-2)
     out = band_attention(plan, qp, kp, vp, q_seg, kv_seg)
     return out[:, : plan.q_len, :, : q.shape[-1]]

@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from spattn_jax.kernels import schedule
+from spattn_jax.kernels.common import pad_axis, sum_gqa_groups
 from spattn_jax.masks import MaskSpec
 
 LOG2E = math.log2(math.e)
@@ -549,9 +550,7 @@ def _band_attention_bwd(plan: _Plan, res, do):
     dq, delta = _backward_dq(plan, q, k, v, out, do, lse, q_seg, kv_seg)
     dk, dv = _backward_dkv(plan, q, k, v, do, lse, delta, q_seg, kv_seg)
     if plan.groups > 1:
-        b, t, _, d = dk.shape
-        dk = dk.reshape(b, t, plan.num_kv, plan.groups, d).sum(3).astype(k.dtype)
-        dv = dv.reshape(b, t, plan.num_kv, plan.groups, d).sum(3).astype(v.dtype)
+        dk, dv = sum_gqa_groups(dk, plan.num_kv, k.dtype), sum_gqa_groups(dv, plan.num_kv, v.dtype)
     return dq, dk, dv, None, None
 
 
@@ -559,14 +558,6 @@ _band_attention.defvjp(_band_attention_fwd, _band_attention_bwd)
 
 
 # -- public entry point ----------------------------------------------------------------------------------
-
-
-def _pad_axis(x, axis: int, size: int, value=0):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def make_config(block_q: int | None = None, block_k: int | None = None, **tuning: Any) -> Config:
@@ -616,14 +607,14 @@ def _prepare(q, k, v, mask, q_segment_ids, kv_segment_ids, scale, block_q, block
         exact_delta=bool(interpret) if config.exact_delta is None else config.exact_delta,
     )
     dim = max(_MIN_BLOCK, pl.next_power_of_2(head_dim))
-    qp = _pad_axis(_pad_axis(q, 3, dim), 1, plan.q_pad)
-    kp = _pad_axis(_pad_axis(k, 3, dim), 1, plan.kv_pad)
-    vp = _pad_axis(_pad_axis(v, 3, dim), 1, plan.kv_pad)
+    qp = pad_axis(pad_axis(q, 3, dim), 1, plan.q_pad)
+    kp = pad_axis(pad_axis(k, 3, dim), 1, plan.kv_pad)
+    vp = pad_axis(pad_axis(v, 3, dim), 1, plan.kv_pad)
     q_seg = kv_seg = None
     if q_segment_ids is not None:
         # Padding gets ids no real token has (and that differ between rows and keys).
-        q_seg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, plan.q_pad, value=-1)
-        kv_seg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan.kv_pad, value=-2)
+        q_seg = pad_axis(q_segment_ids.astype(jnp.int32), 1, plan.q_pad, value=-1)
+        kv_seg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan.kv_pad, value=-2)
     return plan, qp, kp, vp, q_seg, kv_seg
 
 
@@ -674,7 +665,7 @@ def kernel_parts(q, k, v, do, *, mask: MaskSpec, residuals=None, scale=None, blo
     padding is needed) skip recomputing them; timing ``fn(*args)`` measures one kernel launch.
     """
     plan, qp, kp, vp, _, _ = _prepare(q, k, v, mask, None, None, scale, block_q, block_k, interpret, tuning)
-    dop = _pad_axis(_pad_axis(do, 3, qp.shape[-1]), 1, plan.q_pad)
+    dop = pad_axis(pad_axis(do, 3, qp.shape[-1]), 1, plan.q_pad)
     fwd = jax.jit(lambda q, k, v: _forward(plan, q, k, v, None, None))
     dq = jax.jit(lambda *a: _backward_dq(plan, *a, None, None))
     dkv = jax.jit(lambda *a: _backward_dkv(plan, *a, None, None))
