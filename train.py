@@ -2,7 +2,16 @@
 
 With no arguments it trains the tiny preset on the embedded standard-library corpus
 (``configs/experiments/tiny_cpu.gin``). Restarting with the same run directory resumes from its
-newest readable checkpoint. Bad settings end with one line ``error: ...`` on stderr and exit code 2
+newest readable checkpoint.
+
+Devices: ``--gin_param='train.mesh=(data, fsdp, expert, tensor)'`` lays the run out on a mesh (one size
+may be -1, the rest; default: data parallelism over every device). Launched as several processes
+(Slurm, Open MPI, multi-host TPU, or ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``)
+it starts ``jax.distributed`` first (:func:`spattn_jax.sharding.initialize_distributed`); each process
+reads its own share of the data and only process 0 logs and writes metrics.
+``--dry_run`` prints the per-device bytes of parameters and optimizer state on that mesh and exits,
+allocating nothing: ``--dry_run --gin_file=experiments/olmoe_1b_7b.gin --gin_param='train.mesh=(1,8,8,1)'``
+sizes a 64-device run on a laptop. Bad settings end with one line ``error: ...`` on stderr and exit code 2
 (set ``SPATTN_TRACEBACK=1`` to see the traceback instead).
 """
 
@@ -25,6 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gin_param", action="append", default=[],
                         help="one gin binding, e.g. --gin_param='train.total_steps=100' (repeatable)")
     parser.add_argument("--run_dir", default=None, help="overrides train.run_dir")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print per-device bytes of parameters and optimizer state on train.mesh; "
+                             "allocate nothing, train nothing")
+    parser.add_argument("--num_devices", type=int, default=None,
+                        help="devices for --dry_run (default: the product of train.mesh, or this "
+                             "machine's device count when a size is -1)")
     return parser.parse_args(argv)
 
 
@@ -57,9 +72,45 @@ def write_run_config(run_dir: str, configs: dict) -> None:
         json.dump({name: dataclasses.asdict(cfg) for name, cfg in configs.items()}, f, indent=2)
 
 
-def run(args: argparse.Namespace) -> dict:
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def dry_run(args: argparse.Namespace) -> dict:
+    """Shapes and shardings only: the per-device memory of the state on the configured mesh."""
+    import math
+
+    import jax
+
     from spattn_jax import train_loop
 
+    model_cfg, _, optim_cfg, train_cfg = build_configs(args)
+    mesh = train_cfg.mesh
+    num_devices = args.num_devices or (math.prod(mesh) if -1 not in mesh else jax.device_count())
+    report = train_loop.dry_run(model_cfg, optim_cfg, train_cfg, num_devices)
+    b = report["bytes"]
+    print(
+        f"model: {report['params']:,} parameters (d_model {model_cfg.d_model}, {model_cfg.num_layers} layers, "
+        f"{model_cfg.num_experts if model_cfg.moe else 0} experts), parameters in {model_cfg.param_dtype}"
+    )
+    print(
+        "mesh: " + " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+        + f" ({num_devices} devices; abstract, nothing allocated)"
+    )
+    for key, name in (("params", "parameters"), ("opt_state", "optimizer state"), ("state", "train state")):
+        print(f"{name:>16}: {_gib(b[key]['per_device']):>11} per device ({_gib(b[key]['total'])} in all)")
+    return report
+
+
+def run(args: argparse.Namespace) -> dict:
+    from spattn_jax import sharding, train_loop
+
+    # Before anything touches a device: join the other processes of a multi-process launch.
+    sharding.initialize_distributed()
+    import jax
+
+    if jax.process_index() != 0:  # one log for the whole job: other processes report errors only
+        logging.disable(logging.WARNING)
     model_cfg, data_cfg, optim_cfg, train_cfg = build_configs(args)
     write_run_config(train_cfg.run_dir, {"model": model_cfg, "data": data_cfg, "optim": optim_cfg, "train": train_cfg})
     summary = train_loop.train(model_cfg, data_cfg, optim_cfg, train_cfg)
@@ -72,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("spattn_jax").setLevel(logging.INFO)  # our progress notes; libraries stay at WARNING
     try:
+        if args.dry_run:
+            dry_run(args)
+            return 0
         summary = run(args)
     except (ValueError, FileNotFoundError, SyntaxError) as e:  # SyntaxError: gin parse errors
         if os.environ.get("SPATTN_TRACEBACK"):

@@ -122,12 +122,17 @@ class MaskSpec:
       band_len: length the bands are laid out for, or ``None`` to follow the current key length.
       window: width of the shared local window (``d <= window``) for ``spattention``, ``local`` and
         ``balanced``; ``None`` means ``W_h`` of Eq. 2.
+      head_offset, total_heads: set by :meth:`select_heads` only. A spec of heads
+        ``[head_offset, head_offset + num_heads)`` of a ``total_heads``-head mask, whose bands are laid
+        out over all ``total_heads`` heads (a tensor-parallel shard's heads keep their own bands).
     """
 
     variant: str
     num_heads: int
     band_len: int | None
     window: int | None = None
+    head_offset: int = 0
+    total_heads: int | None = None
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -136,10 +141,15 @@ class MaskSpec:
             )
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {self.num_heads!r}")
-        if self.band_len is not None and self.band_len < self.num_heads:
+        if not 0 <= self.head_offset <= self.layout_heads - self.num_heads:
             raise ValueError(
-                f"band_len={self.band_len} is shorter than num_heads={self.num_heads}: every head needs "
-                f"at least one distance; set band_len >= {self.num_heads} (usually the model's max_seq_len)"
+                f"heads [{self.head_offset}, {self.head_offset + self.num_heads}) are not within "
+                f"total_heads={self.layout_heads}; use select_heads(start, stop) with 0 <= start < stop <= H"
+            )
+        if self.band_len is not None and self.band_len < self.layout_heads:
+            raise ValueError(
+                f"band_len={self.band_len} is shorter than num_heads={self.layout_heads}: every head needs "
+                f"at least one distance; set band_len >= {self.layout_heads} (usually the model's max_seq_len)"
             )
         if self.window is not None:
             if self.variant not in _WINDOWED:
@@ -149,6 +159,25 @@ class MaskSpec:
                 )
             if self.window < 0:
                 raise ValueError(f"window must be >= 0, got {self.window}")
+
+    # -- head slices (tensor parallelism) --------------------------------------------------------
+
+    @property
+    def layout_heads(self) -> int:
+        """``H`` of Eq. 2-3: the heads the bands are laid out over (all heads, also for a slice)."""
+        return self.num_heads if self.total_heads is None else self.total_heads
+
+    def select_heads(self, start: int, stop: int) -> "MaskSpec":
+        """The spec of heads ``[start, stop)`` of this one, each keeping its own band.
+
+        ``spec.select_heads(a, b).intervals(n) == spec.intervals(n)[a:b]``; a kernel that runs on one
+        tensor-parallel shard's heads takes this view.
+        """
+        if not 0 <= start < stop <= self.num_heads:
+            raise ValueError(f"select_heads({start}, {stop}) needs 0 <= start < stop <= num_heads={self.num_heads}")
+        return dataclasses.replace(
+            self, num_heads=stop - start, head_offset=self.head_offset + start, total_heads=self.layout_heads
+        )
 
     # -- lengths ---------------------------------------------------------------------------------
 
@@ -166,10 +195,10 @@ class MaskSpec:
                 f"sequence length {kv_len} exceeds band_len={self.band_len}: bands are laid out for "
                 f"band_len; raise band_len (the model's max_seq_len) or shorten the sequence"
             )
-        if self.band_len is None and kv_len < self.num_heads and self.variant != "causal":
+        if self.band_len is None and kv_len < self.layout_heads and self.variant != "causal":
             raise ValueError(
-                f"sequence length {kv_len} is shorter than num_heads={self.num_heads} with "
-                f"band_len=None: bands follow the length; pad to >= {self.num_heads} or set band_len"
+                f"sequence length {kv_len} is shorter than num_heads={self.layout_heads} with "
+                f"band_len=None: bands follow the length; pad to >= {self.layout_heads} or set band_len"
             )
 
     @property
@@ -179,10 +208,13 @@ class MaskSpec:
     # -- intervals -------------------------------------------------------------------------------
 
     def _raw(self, length: int) -> list[list[Interval]]:
-        h_range = range(self.num_heads)
+        return self._raw_all_heads(length)[self.head_offset : self.head_offset + self.num_heads]
+
+    def _raw_all_heads(self, length: int) -> list[list[Interval]]:
+        h_range = range(self.layout_heads)
         if self.variant == "causal":
             return [[(0, length)] for _ in h_range]
-        bounds = band_bounds(length, self.num_heads)
+        bounds = band_bounds(length, self.layout_heads)
 
         def window(h: int) -> Interval:
             w = bounds[h][1] if self.window is None else self.window
@@ -196,7 +228,7 @@ class MaskSpec:
             return [[(s, s + w // 2)] for s, w in bounds]
         if self.variant == "local":
             return [[window(h)] for h in h_range]
-        edges = balanced_boundaries(length, self.num_heads)
+        edges = balanced_boundaries(length, self.layout_heads)
         bands = [[(edges[h], edges[h + 1])] for h in h_range]
         if self.variant == "balanced":
             return [[window(h)] + b for h, b in enumerate(bands)]
@@ -255,7 +287,9 @@ def make(
     **options,
 ) -> MaskSpec:
     """Build a :class:`MaskSpec` by variant name; ``options`` are the spec's remaining fields."""
-    allowed = {f.name for f in dataclasses.fields(MaskSpec)} - {"variant", "num_heads", "band_len"}
+    allowed = {f.name for f in dataclasses.fields(MaskSpec)} - {
+        "variant", "num_heads", "band_len", "head_offset", "total_heads"
+    }
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spattn_jax.attention import attention as attend
+from spattn_jax import sharding
 from spattn_jax.config import ModelConfig
 from spattn_jax.layers import Embed, RMSNorm, apply_rope, dtype_of, normal_param, positions_from_segments
 from spattn_jax.moe import MoE, DenseFFN
@@ -60,11 +60,14 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
             k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
-        q = apply_rope(q.astype(cdt), positions, cfg.rope_theta)
-        k = apply_rope(k.astype(cdt), positions, cfg.rope_theta)
-        out = attend(
-            q, k, v.astype(cdt), mask=cfg.mask(), segment_ids=segment_ids, implementation=cfg.attention_impl
+        q = sharding.constrain(apply_rope(q.astype(cdt), positions, cfg.rope_theta), sharding.BATCH_LENGTH_HEADS)
+        k = sharding.constrain(apply_rope(k.astype(cdt), positions, cfg.rope_theta), sharding.BATCH_LENGTH_KV_HEADS)
+        v = sharding.constrain(v.astype(cdt), sharding.BATCH_LENGTH_KV_HEADS)
+        # Under a mesh, heads split over "tensor" and each shard's kernel gets its own heads' bands.
+        out = sharding.attention(
+            q, k, v, mask=cfg.mask(), segment_ids=segment_ids, implementation=cfg.attention_impl
         )
+        out = sharding.constrain(out, sharding.BATCH_LENGTH_HEADS)
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(cdt), preferred_element_type=jnp.float32)
         return y.astype(cdt)
 
@@ -86,12 +89,12 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, segment_ids) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """``x [B, T, D]`` -> ``(x [B, T, D], router stats or None)``."""
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        x = sharding.constrain(x + self.attn(self.attn_norm(x), positions, segment_ids), sharding.BATCH_LENGTH_EMBED)
         h = self.ffn(self.ffn_norm(x))
         if self.is_moe:
             h, stats = h
-            return x + h, stats
-        return x + h, None
+            return sharding.constrain(x + h, sharding.BATCH_LENGTH_EMBED), stats
+        return sharding.constrain(x + h, sharding.BATCH_LENGTH_EMBED), None
 
 
 class Transformer(nnx.Module):
@@ -155,7 +158,15 @@ class Transformer(nnx.Module):
         elif positions.shape != tokens.shape:
             raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {(batch, seq_len)}")
 
-        x = self.embed(tokens)
+        if sharding.current_mesh() is None:
+            x = self.embed(tokens)
+        else:
+            # FSDP gathers a weight where it is used: the lookup reads whole rows, so gather D first.
+            # Left D-sharded, XLA turns the batch-sharded gradient of the lookup into D-sharded rows
+            # by replicating the whole [B, T, D] cotangent on every device.
+            table = sharding.constrain(self.embed.embedding[...], ("vocab", None))
+            x = jnp.take(table, tokens, axis=0).astype(dtype_of(cfg.dtype))
+        x = sharding.constrain(x, sharding.BATCH_LENGTH_EMBED)
         layer_stats = []
         for block in self.layers:
             x, stats = block(x, positions, segment_ids)
@@ -168,7 +179,7 @@ class Transformer(nnx.Module):
             self.lm_head[...].astype(h.dtype),
             preferred_element_type=jnp.float32,
         )
-        return logits, aux_losses(cfg, layer_stats)
+        return sharding.constrain(logits, sharding.BATCH_LENGTH_VOCAB), aux_losses(cfg, layer_stats)
 
 
 def aux_losses(config: ModelConfig, layer_stats: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:

@@ -30,10 +30,13 @@ the product and divides counts by ``N``, not ``N k``); it is not used for traini
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spattn_jax import sharding
 from spattn_jax.layers import dtype_of, normal_param
 
 # -- routing -------------------------------------------------------------------------------------
@@ -176,7 +179,14 @@ class MoE(nnx.Module):
         # The router runs in fp32 whatever the compute dtype: top-k picks are sensitive to rounding.
         logits = jnp.dot(xf.astype(jnp.float32), self.router[...].astype(jnp.float32))
         probs, weights, experts = route(logits, self.top_k)
-        y = expert_swiglu(
+        mesh = sharding.current_mesh()
+        if mesh is None:
+            experts_fn = expert_swiglu
+        else:  # expert parallelism: tokens travel to their experts' devices (spattn_jax.moe_parallel)
+            from spattn_jax import moe_parallel
+
+            experts_fn = functools.partial(moe_parallel.expert_swiglu, mesh=mesh)
+        y = experts_fn(
             xf.astype(cdt),
             experts,
             weights,

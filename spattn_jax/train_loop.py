@@ -17,8 +17,12 @@ and router z-losses (``aux["aux_loss"]``), plus optionally ``logit_z_loss_weight
 ``grad_accum_steps`` micro-batches; target tokens are normalised by the whole batch's count, so the
 accumulated gradient equals the one-batch gradient (the aux term is averaged over micro-batches).
 
-Data parallelism: one mesh axis ``data`` over all devices, batch rows sharded, state replicated
-(the sharding issue replaces this with FSDP/expert/tensor rules).
+Parallelism (:mod:`spattn_jax.sharding`): a mesh ``(data, fsdp, expert, tensor)`` of
+:attr:`TrainConfig.mesh` over the devices of every process. The logical-axis rules lay out the
+parameters, and the optimizer state like them; batch rows go over the batch axes. The steps are
+jitted with those in/out shardings and run under ``jax.set_mesh``, where the model finds the mesh
+(activation constraints, expert-parallel MoE dispatch, head-sharded attention kernels). One device
+is the 1x1x1x1 mesh: the same code path.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from spattn_jax import checkpoint, data, metrics, optim, tokenizers
+from spattn_jax import checkpoint, data, metrics, optim, sharding, tokenizers
 from spattn_jax.config import ModelConfig
 from spattn_jax.model import Transformer
 
@@ -68,6 +72,8 @@ class TrainConfig:
       logit_z_loss_weight: weight of the output-logit z-loss ``log(Z)^2`` per token (0: off).
       peak_flops_per_device: overrides the device table for MFU (FLOP/s); ``None``: look it up.
       progress_bar: show a tqdm bar with ETA on process 0.
+      mesh: mesh axis sizes ``(data, fsdp, expert, tensor)`` (:class:`spattn_jax.sharding.MeshConfig`);
+        one may be -1, the rest of the devices. Default: data parallelism over every device.
     """
 
     run_dir: str = "runs/default"
@@ -83,8 +89,15 @@ class TrainConfig:
     logit_z_loss_weight: float = 0.0
     peak_flops_per_device: float | None = None
     progress_bar: bool = True
+    mesh: tuple[int, int, int, int] = (-1, 1, 1, 1)
 
     def __post_init__(self):
+        object.__setattr__(self, "mesh", tuple(self.mesh))  # gin and checkpoint JSON hand over lists
+        if len(self.mesh) != len(sharding.MESH_AXES):
+            raise ValueError(
+                f"train mesh needs {len(sharding.MESH_AXES)} sizes {sharding.MESH_AXES}, got {self.mesh}"
+            )
+        self.mesh_config  # validates the sizes
         for name in ("total_steps", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
@@ -93,12 +106,19 @@ class TrainConfig:
         if self.eval_batches < 0:
             raise ValueError(f"eval_batches must be >= 0, got {self.eval_batches}")
 
+    @property
+    def mesh_config(self) -> sharding.MeshConfig:
+        return sharding.MeshConfig(*self.mesh)
+
 
 # -- checks -------------------------------------------------------------------------------------
 
 
 def check_setup(model_cfg: ModelConfig, data_cfg: data.DataConfig, train_cfg: TrainConfig, num_devices: int) -> None:
-    """One-line ValueErrors for settings that cannot train, before anything is built."""
+    """One-line ValueErrors for settings that cannot train, before anything is built.
+
+    ``num_devices``: the devices the batch rows are split over (the mesh's batch axes).
+    """
     model_cfg.check_length(data_cfg.seq_len)  # seq_len > max_seq_len or > band_len
     rows = train_cfg.grad_accum_steps * num_devices
     if data_cfg.batch_size % rows:
@@ -143,11 +163,28 @@ def state_initializer(model_cfg: ModelConfig, optimizer: optax.GradientTransform
     return init
 
 
-def abstract_state(init: Callable[[], dict], sharding) -> Any:
-    """``ShapeDtypeStruct`` pytree of the state with ``sharding`` on every leaf (restore target)."""
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), jax.eval_shape(init)
-    )
+def abstract_state(init: Callable[[], dict], shardings) -> Any:
+    """``ShapeDtypeStruct`` pytree of the state (restore target): ``shardings`` is one sharding for
+    every leaf, or a pytree of them like the state (a checkpoint then restores onto that layout,
+    whatever mesh it was saved from)."""
+    shapes = jax.eval_shape(init)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def state_specs(
+    model_cfg: ModelConfig, optimizer: optax.GradientTransformation, init: Callable[[], dict], mesh
+) -> dict:
+    """``PartitionSpec`` pytree of the train state on ``mesh`` (a real or an abstract mesh).
+
+    Parameters by the logical-axis rules (:func:`spattn_jax.sharding.param_specs`), the optimizer state
+    like its parameters (:func:`spattn_jax.sharding.optimizer_specs`), step and RNG key replicated.
+    """
+    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    params = sharding.param_specs(nnx.state(abstract_model, nnx.Param), mesh)
+    opt_state = sharding.optimizer_specs(optimizer, jax.eval_shape(init)["opt_state"], params)
+    return {"params": params, "opt_state": opt_state, "step": P(), "rng": P()}
 
 
 # -- losses and steps ---------------------------------------------------------------------------
@@ -174,9 +211,15 @@ def _micro_batches(batch: dict, count: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(graphdef, rest, optimizer, schedule, train_cfg: TrainConfig) -> Callable:
-    """``step(state, batch) -> (state, metrics)``, jitted, the state donated."""
+def make_train_step(
+    graphdef, rest, optimizer, schedule, train_cfg: TrainConfig, place: "Placement | None" = None
+) -> Callable:
+    """``step(state, batch) -> (state, metrics)``, jitted, the state donated.
+
+    With ``place`` the step is jitted with its state and batch shardings and runs under its mesh.
+    """
     accum = train_cfg.grad_accum_steps
+    grad_layout = (lambda g: g) if place is None else place.like_params  # noqa: E731
     z_weight = train_cfg.logit_z_loss_weight
 
     def step_fn(state: dict, batch: dict):
@@ -202,8 +245,10 @@ def make_train_step(graphdef, rest, optimizer, schedule, train_cfg: TrainConfig)
         # Zeros shaped like one micro-step's outputs start the sums.
         (_, (_, aux_shape)) = jax.eval_shape(micro_loss, params, jax.tree.map(lambda x: x[0], micro))
         zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
-        init = (zeros(params), jnp.zeros(()), jnp.zeros(()), zeros(aux_shape))
+        # Gradients laid out like the parameters: FSDP reduce-scatters them instead of all-reducing.
+        init = (grad_layout(zeros(params)), jnp.zeros(()), jnp.zeros(()), zeros(aux_shape))
         (grads, loss, ce_sum, aux), _ = jax.lax.scan(body, init, micro)
+        grads = grad_layout(grads)
 
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -227,10 +272,13 @@ def make_train_step(graphdef, rest, optimizer, schedule, train_cfg: TrainConfig)
         }
         return new_state, out
 
-    return jax.jit(step_fn, donate_argnums=0)
+    if place is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    state = place.state_shardings
+    return place.jit(step_fn, (state, place.batch), (state, place.replicated), donate_argnums=0)
 
 
-def make_eval_step(graphdef, rest) -> Callable:
+def make_eval_step(graphdef, rest, place: "Placement | None" = None) -> Callable:
     """``eval_step(params, batch) -> (sum of target CE in nats, number of targets)``, jitted."""
 
     def eval_fn(params, batch):
@@ -239,7 +287,10 @@ def make_eval_step(graphdef, rest) -> Callable:
         w = (batch["segment_ids"] > 0).astype(jnp.float32)
         return jnp.sum(ce * w), jnp.sum(w)
 
-    return jax.jit(eval_fn)
+    if place is None:
+        return jax.jit(eval_fn)
+    params = place.replicated if place.state is None else place.state["params"]
+    return place.jit(eval_fn, (params, place.batch), place.replicated)
 
 
 def evaluate(eval_step: Callable, params, batches: Iterable[dict], num_batches: int, to_device: Callable) -> dict:
@@ -269,15 +320,56 @@ def evaluate(eval_step: Callable, params, batches: Iterable[dict], num_batches: 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Where arrays live: state replicated, batch rows over the ``data`` axis."""
+    """Where arrays live: the train state as ``state`` (``None``: replicated), batch rows as ``batch``."""
 
     mesh: jax.sharding.Mesh
     replicated: NamedSharding
     batch: NamedSharding
+    state: Any = None
 
     def put_batch(self, batch: dict) -> dict:
         """This process's ``[B_process, T]`` numpy rows -> global ``[B, T]`` arrays."""
         return {k: jax.make_array_from_process_local_data(self.batch, v) for k, v in batch.items()}
+
+    @property
+    def state_shardings(self) -> Any:
+        return self.replicated if self.state is None else self.state
+
+    @property
+    def batch_shards(self) -> int:
+        """Devices the batch rows are split over."""
+        return math.prod(self.mesh.shape[axis] for axis in _spec_axes(self.batch.spec))
+
+    def like_params(self, tree):
+        """Constrain a params-like pytree (gradients) to the parameters' layout, inside ``jit``."""
+        return tree if self.state is None else jax.lax.with_sharding_constraint(tree, self.state["params"])
+
+    def jit(self, fn: Callable, in_shardings, out_shardings, **kwargs) -> Callable:
+        """``jax.jit`` with these shardings, traced and run under this mesh (``jax.set_mesh``)."""
+        jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
+
+        def run(*args):
+            with jax.set_mesh(self.mesh):
+                return jitted(*args)
+
+        return run
+
+
+def _spec_axes(spec: P) -> set[str]:
+    out: set[str] = set()
+    for entry in spec:
+        out.update(() if entry is None else (entry,) if isinstance(entry, str) else entry)
+    return out
+
+
+def mesh_placement(
+    mesh_cfg: sharding.MeshConfig, model_cfg: ModelConfig, optimizer, init: Callable[[], dict]
+) -> Placement:
+    """The mesh of ``mesh_cfg`` over every device, the state laid out by the rules, rows over the batch axes."""
+    mesh = sharding.make_mesh(mesh_cfg)
+    state = sharding.named(mesh, state_specs(model_cfg, optimizer, init, mesh))
+    batch = NamedSharding(mesh, sharding.logical_to_spec(("activation_batch", None), mesh))
+    return Placement(mesh, NamedSharding(mesh, P()), batch, state)
 
 
 def data_parallel_placement() -> Placement:
@@ -344,8 +436,12 @@ def train(
     ``None`` without a validation split), ``seconds``.
     """
     t_start = time.time()
-    check_setup(model_cfg, data_cfg, train_cfg, jax.device_count())
-    place = data_parallel_placement()
+    optimizer = optim.make_optimizer(optim_cfg, train_cfg.total_steps)
+    schedule = optim.make_schedule(optim_cfg, train_cfg.total_steps)
+    init = state_initializer(model_cfg, optimizer, train_cfg.seed)
+    # Shapes and layouts only (nothing allocated); raises one-line errors for a mesh that does not fit.
+    place = mesh_placement(train_cfg.mesh_config, model_cfg, optimizer, init)
+    check_setup(model_cfg, data_cfg, train_cfg, place.batch_shards)
     is_main = jax.process_index() == 0
 
     train_data = data.make_pipeline(data_cfg, "train")
@@ -355,10 +451,7 @@ def train(
         log.warning("%s; validation is skipped", e)
         val_data = None
 
-    optimizer = optim.make_optimizer(optim_cfg, train_cfg.total_steps)
-    schedule = optim.make_schedule(optim_cfg, train_cfg.total_steps)
     graphdef, rest = model_graph(model_cfg)
-    init = state_initializer(model_cfg, optimizer, train_cfg.seed)
 
     manager = checkpoint.make_manager(
         os.path.join(train_cfg.run_dir, "checkpoints"),
@@ -367,17 +460,18 @@ def train(
         async_save=train_cfg.async_checkpointing,
     )
     data_iter = iter(train_data.dataset)
-    restored = checkpoint.restore_latest(manager, abstract_state(init, place.replicated), data_iter)
+    # Restoring into the current layout reshards a checkpoint saved on another mesh.
+    restored = checkpoint.restore_latest(manager, abstract_state(init, place.state_shardings), data_iter)
     if restored is None:
         start_step = 0
-        state = jax.jit(init, out_shardings=place.replicated)()
+        state = jax.jit(init, out_shardings=place.state_shardings)()
     else:
         start_step, state, _ = restored
         if is_main:
             log.info("resuming from the checkpoint of step %d in %s", start_step, manager.directory)
 
-    train_step = make_train_step(graphdef, rest, optimizer, schedule, train_cfg)
-    eval_step = make_eval_step(graphdef, rest)
+    train_step = make_train_step(graphdef, rest, optimizer, schedule, train_cfg, place)
+    eval_step = make_eval_step(graphdef, rest, place)
     writer = metrics.MetricsWriter(train_cfg.run_dir, enabled=is_main)
     flops = metrics.flops_per_token(model_cfg, data_cfg.seq_len)
     peak = train_cfg.peak_flops_per_device or metrics.peak_flops(jax.devices()[0].device_kind)
@@ -452,3 +546,36 @@ def train(
         data_iter.close()
     summary.update(final_step=step, seconds=time.time() - t_start)
     return summary
+
+
+# -- dry run ------------------------------------------------------------------------------------
+
+
+def dry_run(model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, train_cfg: TrainConfig, num_devices: int) -> dict:
+    """Per-device bytes of the parameters and the optimizer state on ``train_cfg.mesh`` over
+    ``num_devices`` devices, from shapes and the sharding rules alone: nothing is allocated and the
+    devices need not exist (an abstract mesh).
+
+    Returns ``mesh`` (axis sizes), ``devices``, ``params`` (count), and ``bytes`` per device and in
+    total for ``params``, ``opt_state`` and ``state`` (both, plus step and RNG key).
+    """
+    mesh = sharding.abstract_mesh(train_cfg.mesh_config, num_devices)
+    optimizer = optim.make_optimizer(optim_cfg, train_cfg.total_steps)
+    init = state_initializer(model_cfg, optimizer, train_cfg.seed)
+    shapes = jax.eval_shape(init)
+    specs = state_specs(model_cfg, optimizer, init, mesh)
+    one = {axis: 1 for axis in sharding.MESH_AXES}
+
+    def sizes(key):
+        tree, spec = (shapes, specs) if key == "state" else (shapes[key], specs[key])
+        return {
+            "per_device": sharding.bytes_per_device(tree, spec, mesh),
+            "total": sharding.bytes_per_device(tree, spec, one),
+        }
+
+    return {
+        "mesh": dict(mesh.shape),
+        "devices": num_devices,
+        "params": sum(x.size for x in jax.tree.leaves(shapes["params"])),
+        "bytes": {key: sizes(key) for key in ("params", "opt_state", "state")},
+    }

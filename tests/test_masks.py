@@ -173,3 +173,27 @@ def test_sequence_longer_than_band_len_raises():
         spec.dense(65)
     with pytest.raises(ValueError, match=r"shorter than num_heads=8 with band_len=None"):
         masks.make("spattention", num_heads=8, band_len=None).dense(5)
+
+
+@given(layout=layouts(min_n=16), variant=st.sampled_from(masks.VARIANTS), data=st.data())
+def test_select_heads_keeps_each_heads_band(layout, variant, data):
+    """A tensor-parallel shard's view: heads [a, b) with the bands they have in the whole mask."""
+    num_heads, n, band_len = layout
+    spec = masks.make(variant, num_heads=num_heads, band_len=band_len)
+    a = data.draw(st.integers(0, num_heads - 1))
+    b = data.draw(st.integers(a + 1, num_heads))
+    part = spec.select_heads(a, b)
+    assert part.num_heads == b - a
+    assert part.intervals(n) == spec.intervals(n)[a:b]
+    np.testing.assert_array_equal(part.dense(n), spec.dense(n)[a:b])
+    np.testing.assert_array_equal(part.interval_table(n, 3), spec.interval_table(n, 3)[a:b])
+    if b - a > 1:  # a slice of a slice is the slice of the whole
+        assert part.select_heads(1, b - a) == spec.select_heads(a + 1, b)
+
+
+def test_select_heads_checks_its_range():
+    spec = masks.make("spattention", num_heads=4, band_len=64)
+    assert hash(spec.select_heads(0, 2)) == hash(spec.select_heads(0, 2))
+    for start, stop in ((2, 2), (-1, 2), (0, 5)):
+        with pytest.raises(ValueError, match=r"select_heads\(.*\) needs 0 <= start < stop <= num_heads=4"):
+            spec.select_heads(start, stop)
