@@ -44,7 +44,8 @@ class Backend:
 
 # Kernels register here; a row whose implementation does not import on this install is skipped.
 BACKENDS: tuple[Backend, ...] = (
-    # Splash in Pallas's TPU interpreter (128 blocks there); lengths up to 300 pad to 3 blocks.
+    # Splash in Pallas interpret mode (128 blocks there); lengths up to 300 pad to 3 blocks.
+    # tests/kernels/test_splash.py reruns the pinned cases in Pallas's TPU interpreter.
     Backend("splash", head_dims=(64, 128), max_len=300),
     # Pallas Triton in interpret mode; 16/32 tiles so that N <= 200 has interior and edge tiles.
     Backend(
