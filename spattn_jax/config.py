@@ -21,6 +21,7 @@ preset                        total            active           non-embedding to
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from spattn_jax import masks
 from spattn_jax.attention import IMPLEMENTATIONS
@@ -55,6 +56,9 @@ class ModelConfig:
       bands_follow_length: lay bands out over the current sequence length instead, as the authors'
         code does (``masks.make(..., band_len=None)``).
       attention_impl: ``"auto"`` or a :data:`spattn_jax.attention.IMPLEMENTATIONS` key.
+      attention_options: ``(name, value)`` pairs passed to the attention kernel, e.g.
+        ``(("block_sizes", 512),)`` for splash on TPU (multiples of 128) or
+        ``(("block_q", 64), ("block_k", 32))`` for ``pallas_triton``.
       rope_theta, norm_eps: RoPE base and RMSNorm epsilon.
       qk_norm: RMSNorm over the flattened q and k projections (OLMoE), before RoPE.
       init_std: std of the normal init, truncated at 3 std.
@@ -81,6 +85,7 @@ class ModelConfig:
     band_len: int | None = None
     bands_follow_length: bool = False
     attention_impl: str = "auto"
+    attention_options: tuple[tuple[str, Any], ...] = ()
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qk_norm: bool = True

@@ -65,7 +65,8 @@ class Attention(nnx.Module):
         v = sharding.constrain(v.astype(cdt), sharding.BATCH_LENGTH_KV_HEADS)
         # Under a mesh, heads split over "tensor" and each shard's kernel gets its own heads' bands.
         out = sharding.attention(
-            q, k, v, mask=cfg.mask(), segment_ids=segment_ids, implementation=cfg.attention_impl
+            q, k, v, mask=cfg.mask(), segment_ids=segment_ids, implementation=cfg.attention_impl,
+            **dict(cfg.attention_options),
         )
         out = sharding.constrain(out, sharding.BATCH_LENGTH_HEADS)
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(cdt), preferred_element_type=jnp.float32)

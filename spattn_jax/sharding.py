@@ -291,7 +291,9 @@ def bytes_per_device(abstract_tree, specs, mesh) -> int:
 # -- attention under a mesh ----------------------------------------------------------------------
 
 
-def attention(q, k, v, *, mask, segment_ids=None, implementation: str = "auto", manual: bool | None = None):
+def attention(
+    q, k, v, *, mask, segment_ids=None, implementation: str = "auto", manual: bool | None = None, **kernel_options
+):
     """:func:`spattn_jax.attention.attention` under the current mesh: batch over the batch axes,
     heads over ``tensor``.
 
@@ -304,11 +306,12 @@ def attention(q, k, v, *, mask, segment_ids=None, implementation: str = "auto", 
       branches call the kernel with ``mask.select_heads(i Hl, (i + 1) Hl)`` (one compiled kernel per
       tensor shard; every device runs only its own).
 
-    Shapes as in :func:`spattn_jax.attention.attention`: q ``[B, T, H, D]``, k/v ``[B, T, K, D]``.
+    Shapes as in :func:`spattn_jax.attention.attention`: q ``[B, T, H, D]``, k/v ``[B, T, K, D]``;
+    ``kernel_options`` go to the kernel (block sizes).
     """
     mesh = current_mesh()
     if mesh is None:
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, implementation=implementation)
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, implementation=implementation, **kernel_options)
     impl = resolve_attention(implementation)
     if manual is None:
         manual = impl != "reference"
@@ -316,11 +319,11 @@ def attention(q, k, v, *, mask, segment_ids=None, implementation: str = "auto", 
         return attend(
             q, k, v, mask=mask, segment_ids=segment_ids, implementation=impl, mesh=mesh,
             batch_axes=mesh_axes_of("activation_batch", mesh),
-            head_axis=_single(mesh_axes_of("activation_heads", mesh)),
+            head_axis=_single(mesh_axes_of("activation_heads", mesh)), **kernel_options,
         )
     if not manual:
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, implementation=impl)
-    return _attention_shard_map(q, k, v, mask, segment_ids, impl, mesh)
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, implementation=impl, **kernel_options)
+    return _attention_shard_map(q, k, v, mask, segment_ids, impl, mesh, kernel_options)
 
 
 def _single(axes: tuple[str, ...]) -> str | None:
@@ -329,7 +332,7 @@ def _single(axes: tuple[str, ...]) -> str | None:
     return axes[0] if axes else None
 
 
-def _attention_shard_map(q, k, v, mask, segment_ids, impl, mesh):
+def _attention_shard_map(q, k, v, mask, segment_ids, impl, mesh, kernel_options):
     batch_axes = mesh_axes_of("activation_batch", mesh)
     head_axis = _single(mesh_axes_of("activation_heads", mesh))
     shards = mesh.shape[head_axis] if head_axis else 1
@@ -354,7 +357,7 @@ def _attention_shard_map(q, k, v, mask, segment_ids, impl, mesh):
             kv0 = (i * local) // group
             k, v = (x[:, :, kv0 : kv0 + max(1, local // group)] for x in (k, v))
         sub = mask.select_heads(i * local, (i + 1) * local) if shards > 1 else mask
-        return attend(q, k, v, mask=sub, segment_ids=seg, implementation=impl)
+        return attend(q, k, v, mask=sub, segment_ids=seg, implementation=impl, **kernel_options)
 
     def body(q, k, v, seg):
         if shards == 1:

@@ -157,3 +157,18 @@ def test_tiny_preset_overfits_one_batch_with_spattention():
     for _ in range(119):
         last = float(step(model, opt))
     assert last < 0.5, f"cross-entropy {last:.3f} after 120 steps (start {first:.3f})"
+
+
+def test_attention_options_reach_the_kernel():
+    """``attention_options`` are the kernel's settings: a Pallas kernel with them matches the reference."""
+    base = dataclasses.replace(SMALL, num_layers=1)
+    tokens = random_tokens((1, 12))
+    want, _ = forward(Transformer(dataclasses.replace(base, attention_impl="reference"), rngs=nnx.Rngs(0)), tokens)
+    tuned = dataclasses.replace(
+        base, attention_impl="pallas_triton", attention_options=(("block_q", 16), ("block_k", 16))
+    )
+    got, _ = forward(Transformer(tuned, rngs=nnx.Rngs(0)), tokens)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+    bogus = dataclasses.replace(base, attention_impl="pallas_triton", attention_options=(("block_qq", 16),))
+    with pytest.raises(ValueError, match=r"unknown pallas_triton option\(s\) block_qq"):
+        forward(Transformer(bogus, rngs=nnx.Rngs(0)), tokens)
