@@ -24,3 +24,19 @@ def sum_gqa_groups(dx: jax.Array, num_kv: int, dtype) -> jax.Array:
     if h == num_kv:
         return dx.astype(dtype)
     return dx.reshape(b, t, num_kv, h // num_kv, d).astype(jnp.float32).sum(3).astype(dtype)
+
+
+def pad_inputs(q, k, v, q_segment_ids, kv_segment_ids, *, head_dim: int, q_len: int, kv_len: int):
+    """Zero-pad q ``[B, Tq, H, D]`` and k/v ``[B, Tk, K, D]`` to ``head_dim`` and ``q_len``/``kv_len``.
+
+    Padded positions get segment ids no real token has, different for queries (-1) and keys (-2), so
+    they never attend to or are attended by anything. Returns ``(q, k, v, q_seg, kv_seg)``.
+    """
+    qp = pad_axis(pad_axis(q, 3, head_dim), 1, q_len)
+    kp = pad_axis(pad_axis(k, 3, head_dim), 1, kv_len)
+    vp = pad_axis(pad_axis(v, 3, head_dim), 1, kv_len)
+    if q_segment_ids is None:
+        return qp, kp, vp, None, None
+    q_seg = pad_axis(q_segment_ids.astype(jnp.int32), 1, q_len, value=-1)
+    kv_seg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_len, value=-2)
+    return qp, kp, vp, q_seg, kv_seg

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spattn_jax.kernels import schedule
-from spattn_jax.kernels.common import pad_axis, sum_gqa_groups
+from spattn_jax.kernels.common import pad_inputs, sum_gqa_groups
 from spattn_jax.masks import MaskSpec
 
 _DIM_MULTIPLE = 64  # wgmma/TMA with 128-byte swizzle: head dims and tiles in multiples of 64
@@ -401,13 +401,8 @@ def attention(
             )
     segments = q_segment_ids is not None
     plan = make_plan(q.shape, k.shape, mask, scale=scale, segments=segments, config=config)
-    qp = pad_axis(pad_axis(q, 3, plan.head_dim), 1, plan.q_pad)
-    kp = pad_axis(pad_axis(k, 3, plan.head_dim), 1, plan.kv_pad)
-    vp = pad_axis(pad_axis(v, 3, plan.head_dim), 1, plan.kv_pad)
-    q_seg = kv_seg = None
-    if segments:
-        # Padding gets ids that no real token has, and that differ between rows and keys.
-        q_seg = pad_axis(q_segment_ids.astype(jnp.int32), 1, plan.q_pad, value=-1)
-        kv_seg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan.kv_pad, value=-2)
+    qp, kp, vp, q_seg, kv_seg = pad_inputs(
+        q, k, v, q_segment_ids, kv_segment_ids, head_dim=plan.head_dim, q_len=plan.q_pad, kv_len=plan.kv_pad
+    )
     out = band_attention(plan, qp, kp, vp, q_seg, kv_seg)
     return out[:, : plan.q_len, :, : q.shape[-1]]

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from spattn_jax.kernels import schedule
-from spattn_jax.kernels.common import pad_axis, sum_gqa_groups
+from spattn_jax.kernels.common import pad_axis, pad_inputs, sum_gqa_groups
 from spattn_jax.masks import MaskSpec
 
 LOG2E = math.log2(math.e)
@@ -607,14 +607,9 @@ def _prepare(q, k, v, mask, q_segment_ids, kv_segment_ids, scale, block_q, block
         exact_delta=bool(interpret) if config.exact_delta is None else config.exact_delta,
     )
     dim = max(_MIN_BLOCK, pl.next_power_of_2(head_dim))
-    qp = pad_axis(pad_axis(q, 3, dim), 1, plan.q_pad)
-    kp = pad_axis(pad_axis(k, 3, dim), 1, plan.kv_pad)
-    vp = pad_axis(pad_axis(v, 3, dim), 1, plan.kv_pad)
-    q_seg = kv_seg = None
-    if q_segment_ids is not None:
-        # Padding gets ids no real token has (and that differ between rows and keys).
-        q_seg = pad_axis(q_segment_ids.astype(jnp.int32), 1, plan.q_pad, value=-1)
-        kv_seg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, plan.kv_pad, value=-2)
+    qp, kp, vp, q_seg, kv_seg = pad_inputs(
+        q, k, v, q_segment_ids, kv_segment_ids, head_dim=dim, q_len=plan.q_pad, kv_len=plan.kv_pad
+    )
     return plan, qp, kp, vp, q_seg, kv_seg
 
 
