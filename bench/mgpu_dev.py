@@ -12,7 +12,7 @@ Stages (``python bench/mgpu_dev.py STAGE [options]``):
 * ``big``: 1x32768 and 1x65536 forward+backward (they must run) and forward TF/s at 1x16384.
 
 Timing is kernels.md §10's: median of ``--iters`` wall-clock calls each ended by
-``block_until_ready`` after 2 warm-ups, plus the mean of back-to-back calls (``pipe``).
+``block_until_ready`` after 2 warm-ups, plus the mean of back-to-back calls (``ms_pipelined``).
 Writes ``<out>/mgpu_<stage>.json`` (``--out``, default ``$OUT`` or bench/results).
 """
 
@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spattn_jax import masks  # noqa: E402
 from spattn_jax.kernels import pallas_mosaic_gpu as mg  # noqa: E402
 from spattn_jax.kernels import reference  # noqa: E402
+from kernels import time_jax  # noqa: E402  (bench/kernels.py: the one timing method)
 
 H, D = 16, 128
 TOL = dict(out=1.5e-2, dq=4e-2, dk=4e-2, dv=2e-2)  # the shared kernel test's bf16 row
@@ -145,20 +147,6 @@ def stage_check(args) -> list:
 # -- timing --------------------------------------------------------------------------------------------
 
 
-def time_fn(fn, *args, iters: int = 20) -> dict:
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(iters)]
-    jax.block_until_ready(outs)
-    return dict(ms=1e3 * float(np.median(times)), pipe=1e3 * (time.perf_counter() - t0) / iters)
-
-
 def flops(variant: str, batch: int, n: int) -> float:
     """Useful forward FLOPs: 4 D (allowed pairs); dense causal for cuDNN."""
     pairs = batch * float(masks.make(variant, num_heads=H, band_len=None).pair_counts(n).sum())
@@ -204,8 +192,8 @@ def stage_time(args) -> list:
                 t0 = time.perf_counter()
                 jax.block_until_ready(fb(q, k, v, do))
                 rec["compile_s"] = round(time.perf_counter() - t0, 1)
-                rec["fwd"] = time_fn(f, q, k, v, iters=args.iters)
-                rec["fwd_bwd"] = time_fn(fb, q, k, v, do, iters=args.iters)
+                rec["fwd"] = time_jax(f, q, k, v, iters=args.iters)
+                rec["fwd_bwd"] = time_jax(fb, q, k, v, do, iters=args.iters)
                 ff = flops(variant, batch, n)
                 rec["fwd_tflops"] = ff / (rec["fwd"]["ms"] * 1e-3) / 1e12
                 rec["fwd_bwd_tflops"] = 3.5 * ff / (rec["fwd_bwd"]["ms"] * 1e-3) / 1e12
@@ -216,7 +204,7 @@ def stage_time(args) -> list:
                 log(f"time {impl} {variant} {batch}x{n} {cfg}: ERROR {rec['error']}")
             else:
                 log(f"time {impl:5s} {variant:22s} {batch}x{n} {json.dumps(cfg):50s} fwd {rec['fwd']['ms']:.3f} "
-                    f"(pipe {rec['fwd']['pipe']:.3f}) fwd+bwd {rec['fwd_bwd']['ms']:.3f} (pipe {rec['fwd_bwd']['pipe']:.3f}) ms "
+                    f"(pipe {rec['fwd']['ms_pipelined']:.3f}) fwd+bwd {rec['fwd_bwd']['ms']:.3f} (pipe {rec['fwd_bwd']['ms_pipelined']:.3f}) ms "
                     f"| {rec['fwd_tflops']:.0f} / {rec['fwd_bwd_tflops']:.0f} TF/s | compile {rec['compile_s']}s")
     return rows
 
