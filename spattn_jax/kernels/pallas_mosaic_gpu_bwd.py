@@ -38,6 +38,7 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     ROW,
     WGMMA,
     band_allowed,
+    stream_kv_tiles,
     bcast_cols,
     bcast_rows,
     compiler_params,
@@ -160,17 +161,9 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
                     plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem2.at[w], rows_ready.at[w])
                     plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem2.at[w], rows_ready.at[w])
 
-            def body(t, step, *, masked: bool):
-                del masked
-                slot = lax.rem(step, stages)
-                tile = (b, pl.ds(t * bk, bk), kv_head)
-                wait_unless(step < stages, k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
-                wait_unless(step < stages, v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
-                return step + 1
-
-            return loop_runs(runs, flags, body, step), loaded + busy.astype(jnp.int32)
+            kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
+            step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages)
+            return step, loaded + busy.astype(jnp.int32)
 
         item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
 

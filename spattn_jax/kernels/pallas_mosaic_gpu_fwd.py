@@ -268,17 +268,9 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
                     wait_unless(loaded == 0, q_free.at[w])
                     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], q_ready.at[w])
 
-            def body(t, step, *, masked: bool):
-                del masked
-                slot = lax.rem(step, stages)
-                tile = (b, pl.ds(t * bk, bk), kv_head)
-                wait_unless(step < stages, k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
-                wait_unless(step < stages, v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
-                return step + 1
-
-            return loop_runs(runs, flags, body, step), loaded + busy.astype(jnp.int32)
+            kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
+            step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages)
+            return step, loaded + busy.astype(jnp.int32)
 
         item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
 
@@ -295,6 +287,28 @@ def wait_unless(skip, barrier):
     @pl.when(jnp.logical_not(skip))
     def _():
         plgpu.barrier_wait(barrier)
+
+
+def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, stages: int):
+    """Producer side of the K/V ring: TMA-copy the K and V tiles of a unit's runs into ``stages`` slots.
+
+    ``kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)``; ``step`` counts tiles
+    streamed so far (the ring position). A slot is reused only after its consumers release it.
+    Returns the new ``step``.
+    """
+    k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free = kv
+
+    def body(t, step, *, masked: bool):
+        del masked
+        slot = lax.rem(step, stages)
+        tile = (b, pl.ds(t * block_k, block_k), kv_head)
+        wait_unless(step < stages, k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
+        wait_unless(step < stages, v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
+        return step + 1
+
+    return loop_runs(runs, flags, body, step)
 
 
 def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
