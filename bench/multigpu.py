@@ -57,6 +57,7 @@ def measure(name: str, rows_per_gpu: int, steps: int, warmup: int, preset: str) 
     import jax
     import numpy as np
 
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)  # as train.py does (bench/init_compile.py)
     from spattn_jax import optim, train_loop
     from spattn_jax.config import get_preset
 
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--preset", default="olmoe_0p25b_1p75b")
+    parser.add_argument("--out_dir", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -135,7 +137,9 @@ def main(argv=None) -> int:
         gpus, _ = CONFIGS[name]
         cmd = [sys.executable, os.path.abspath(__file__), f"--child={name}", f"--rows_per_gpu={args.rows_per_gpu}",
                f"--steps={args.steps}", f"--warmup={args.warmup}", f"--preset={args.preset}"]
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus)
+        # The repo on the path: the bench runs from a plain checkout as well as an installed one.
+        pythonpath = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus, PYTHONPATH=pythonpath)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -157,9 +161,8 @@ def main(argv=None) -> int:
         peaks = ", ".join(f"{p:.1f}" for p in r["peak_gib_per_gpu"])
         print(f"| {r['name']} | {tuple(r['mesh'])} | {r['devices']} | {r['tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s_per_gpu']:,.0f} | {speedup} | {peaks} | {r['state_gib_per_gpu']:.1f} |")
-    out_dir = os.path.join(REPO, "bench", "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"multigpu_{time.strftime('%Y-%m-%d_%H%M%S')}.json")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"multigpu_{time.strftime('%Y-%m-%d_%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwritten: {path}")

@@ -25,10 +25,12 @@ from typing import Any
 
 from spattn_jax import masks
 from spattn_jax.attention import IMPLEMENTATIONS
+from spattn_jax.kernels.grouped_matmul import IMPLEMENTATIONS as GMM_IMPLEMENTATIONS
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _AUX_REDUCTIONS = ("sum", "olmoe")
 _ATTENTION_IMPLS = ("auto", *IMPLEMENTATIONS)
+_MOE_IMPLS = ("auto", *GMM_IMPLEMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,9 @@ class ModelConfig:
       bands_follow_length: lay bands out over the current sequence length instead, as the authors'
         code does (``masks.make(..., band_len=None)``).
       attention_impl: ``"auto"`` or a :data:`spattn_jax.attention.IMPLEMENTATIONS` key.
+      moe_impl: grouped matmul of the experts, ``"auto"`` or a
+        :data:`spattn_jax.kernels.grouped_matmul.IMPLEMENTATIONS` key (``auto``: the Pallas kernel on
+        GPUs, where XLA's ``ragged_dot`` runs densely over all experts; ``ragged_dot`` elsewhere).
       attention_options: ``(name, value)`` pairs passed to the attention kernel, e.g.
         ``(("block_sizes", 512),)`` for splash on TPU (multiples of 128) or
         ``(("block_q", 64), ("block_k", 32))`` for ``pallas_triton``.
@@ -86,6 +91,7 @@ class ModelConfig:
     bands_follow_length: bool = False
     attention_impl: str = "auto"
     attention_options: tuple[tuple[str, Any], ...] = ()
+    moe_impl: str = "auto"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qk_norm: bool = True
@@ -142,6 +148,8 @@ class ModelConfig:
             raise ValueError(
                 f"unknown attention_impl {self.attention_impl!r}; choose one of {', '.join(_ATTENTION_IMPLS)}"
             )
+        if self.moe_impl not in _MOE_IMPLS:
+            raise ValueError(f"unknown moe_impl {self.moe_impl!r}; choose one of {', '.join(_MOE_IMPLS)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(_DTYPES)}")

@@ -84,7 +84,10 @@ class Block(nnx.Module):
         self.is_moe = config.moe
         ffn = dict(std=config.init_std, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
         if config.moe:
-            self.ffn = MoE(config.d_model, config.expert_hidden, config.num_experts, config.top_k, **ffn)
+            self.ffn = MoE(
+                config.d_model, config.expert_hidden, config.num_experts, config.top_k, gmm_impl=config.moe_impl,
+                **ffn,
+            )
         else:
             self.ffn = DenseFFN(config.d_model, config.ffn_hidden, **ffn)
 

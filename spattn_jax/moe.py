@@ -8,7 +8,8 @@ fp32, the ``k`` largest ``p`` pick the experts and are used as combine weights *
 renormalisation** (``norm_topk_prob=False``).
 
 Experts are dropless: each token's ``k`` assignments are sorted by expert and the three SwiGLU
-matmuls run as grouped matmuls (:func:`jax.lax.ragged_dot`) over the ``E`` contiguous groups; outputs
+matmuls run as grouped matmuls (:func:`spattn_jax.kernels.grouped_matmul.gmm`: ``ragged_dot``, or a
+Pallas kernel on GPUs) over the ``E`` contiguous groups; outputs
 are unsorted and summed with the router weights. No token is ever dropped and shapes stay static
 (``N k`` rows) under ``jit``.
 
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spattn_jax import sharding
+from spattn_jax.kernels.grouped_matmul import gmm
 from spattn_jax.layers import dtype_of, normal_param
 
 # -- routing -------------------------------------------------------------------------------------
@@ -99,6 +101,13 @@ def sort_assignments(experts: jax.Array, num_experts: int) -> tuple[jax.Array, j
     return order, token, group_sizes
 
 
+def grouped_swiglu(xs, w1, w3, w2, group_sizes, gmm_impl: str = "auto") -> jax.Array:
+    """``xs [M, D]`` grouped by expert (``group_sizes [E]``) -> fp32 ``[M, D]``; rows past the groups: 0."""
+    mm = functools.partial(gmm, group_sizes=group_sizes, implementation=gmm_impl)
+    h = (jax.nn.silu(mm(xs, w1)) * mm(xs, w3)).astype(xs.dtype)
+    return mm(h, w2)
+
+
 def expert_swiglu(
     x: jax.Array,
     experts: jax.Array,
@@ -106,6 +115,8 @@ def expert_swiglu(
     w1: jax.Array,
     w3: jax.Array,
     w2: jax.Array,
+    *,
+    gmm_impl: str = "auto",
 ) -> jax.Array:
     """Dropless top-k SwiGLU experts: ``sum_j weights[t, j] * FFN_{experts[t, j]}(x_t)``.
 
@@ -114,6 +125,7 @@ def expert_swiglu(
       experts: ``int [N, k]``; weights: ``[N, k]`` combine weights (fp32).
       w1, w3: ``[E, D, F]`` gate and up projections; w2: ``[E, F, D]`` down projection, all in the
         compute dtype. ``FFN_e(x) = (silu(x w1_e) * (x w3_e)) w2_e``.
+      gmm_impl: the grouped matmul (:func:`spattn_jax.kernels.grouped_matmul.gmm`).
     Returns:
       ``[N, D]`` in ``x.dtype``.
     """
@@ -121,11 +133,7 @@ def expert_swiglu(
     order, token, group_sizes = sort_assignments(experts, w1.shape[0])
     xs = jnp.take(x, token, axis=0)  # [N k, D], grouped by expert
 
-    def gmm(lhs, rhs):
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-
-    h = (jax.nn.silu(gmm(xs, w1)) * gmm(xs, w3)).astype(x.dtype)
-    ys = gmm(h, w2)  # [N k, D] fp32, sorted order
+    ys = grouped_swiglu(xs, w1, w3, w2, group_sizes, gmm_impl)  # [N k, D] fp32, sorted order
     # Undo the sort: sorted row r holds flat assignment order[r].
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
     y = y.reshape(num_tokens, top_k, -1) * weights.astype(jnp.float32)[..., None]
@@ -151,9 +159,11 @@ class MoE(nnx.Module):
         std: float = 0.02,
         dtype: str = "float32",
         param_dtype: str = "float32",
+        gmm_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.top_k = top_k
+        self.gmm_impl = gmm_impl
         self.dtype = dtype
         pdt = dtype_of(param_dtype)
         self.router = normal_param(rngs.params(), (d_model, num_experts), ("embed", None), std=std, dtype=pdt)
@@ -181,11 +191,11 @@ class MoE(nnx.Module):
         probs, weights, experts = route(logits, self.top_k)
         mesh = sharding.current_mesh()
         if mesh is None:
-            experts_fn = expert_swiglu
+            experts_fn = functools.partial(expert_swiglu, gmm_impl=self.gmm_impl)
         else:  # expert parallelism: tokens travel to their experts' devices (spattn_jax.moe_parallel)
             from spattn_jax import moe_parallel
 
-            experts_fn = functools.partial(moe_parallel.expert_swiglu, mesh=mesh)
+            experts_fn = functools.partial(moe_parallel.expert_swiglu, mesh=mesh, gmm_impl=self.gmm_impl)
         y = experts_fn(
             xf.astype(cdt),
             experts,

@@ -17,13 +17,13 @@ Per device (``Pe`` expert shards, ``El = E / Pe`` local experts):
 2. **Dispatch** (``ragged_all_to_all``, one slice per expert): expert ``e``'s rows go to device
    ``e // El``. The offsets are chosen so that the receive buffer comes out grouped by local expert,
    then by sender, i.e. already in grouped-matmul order: no local re-sort.
-3. SwiGLU as three grouped matmuls (``jax.lax.ragged_dot``) over the ``El`` local groups; with ``F``
+3. SwiGLU as three grouped matmuls (:func:`spattn_jax.moe.grouped_swiglu`) over the ``El`` local groups; with ``F``
    split over ``tensor`` the down projection is a partial sum, reduced with ``psum`` (the same tokens
    sit on every tensor shard).
 4. **Return** (``ragged_all_to_all`` with the mirrored offsets), un-sort, combine with the router
    weights.
 
-Dropless without padding to a capacity: only routed rows travel and ragged_dot skips the rest. The
+Dropless without padding to a capacity: only routed rows travel and the grouped matmul skips the rest. The
 receive buffer is static, so it is sized for the worst case (``Pe n k`` rows: every peer routing
 everything here), as maxtext's dropless path does; that costs memory, not traffic or FLOPs.
 
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from spattn_jax import sharding
-from spattn_jax.moe import sort_assignments
+from spattn_jax.moe import grouped_swiglu, sort_assignments
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -79,18 +79,13 @@ def ragged_all_to_all(
     return output.at[dest.reshape(-1)].set(received.reshape((-1,) + operand.shape[1:]), mode="drop")
 
 
-def _swiglu(xs, w1, w3, w2, group_sizes, tensor_axis):
+def _swiglu(xs, w1, w3, w2, group_sizes, tensor_axis, gmm_impl):
     """Grouped SwiGLU: ``xs [M, D]`` grouped by expert -> fp32 ``[M, D]`` (rows past the groups: 0)."""
-
-    def gmm(lhs, rhs):
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-
-    h = (jax.nn.silu(gmm(xs, w1)) * gmm(xs, w3)).astype(xs.dtype)
-    y = gmm(h, w2)
+    y = grouped_swiglu(xs, w1, w3, w2, group_sizes, gmm_impl)
     return jax.lax.psum(y, tensor_axis) if tensor_axis else y  # F was split over tensor
 
 
-def _dispatch_and_compute(xs, group_sizes, w1, w3, w2, *, expert_axis, tensor_axis, native):
+def _dispatch_and_compute(xs, group_sizes, w1, w3, w2, *, expert_axis, tensor_axis, native, gmm_impl):
     """Steps 1-4 for one device: ``xs [n k, D]`` sorted by global expert -> outputs, same order."""
     num_experts = group_sizes.shape[0]
     shards = jax.lax.axis_size(expert_axis)
@@ -111,7 +106,7 @@ def _dispatch_and_compute(xs, group_sizes, w1, w3, w2, *, expert_axis, tensor_ax
         xs, buffer, _exclusive_cumsum(group_sizes), group_sizes, out_offsets, mine.reshape(-1),
         axis_name=expert_axis, native=native,
     )
-    ys = _swiglu(received, w1, w3, w2, local_sizes, tensor_axis).astype(xs.dtype)
+    ys = _swiglu(received, w1, w3, w2, local_sizes, tensor_axis, gmm_impl).astype(xs.dtype)
 
     # Return: slice (sender s, local expert e) goes back to s, at s's sorted offset of expert me El + e.
     back_in = (dest_start[me][None, :] + senders_before[:, me, :]).reshape(-1)
@@ -122,16 +117,17 @@ def _dispatch_and_compute(xs, group_sizes, w1, w3, w2, *, expert_axis, tensor_ax
     )
 
 
-def _local_moe(x, experts, weights, w1, w3, w2, *, num_experts, expert_axis, tensor_axis, native):
+def _local_moe(x, experts, weights, w1, w3, w2, *, num_experts, expert_axis, tensor_axis, native, gmm_impl):
     """One device's tokens: ``x [n, D]``, ``experts``/``weights [n, k]`` -> ``[n, D]``."""
     n, top_k = experts.shape
     order, token, group_sizes = sort_assignments(experts, num_experts)
     xs = jnp.take(x, token, axis=0)
     if expert_axis is None:  # every expert is local: the single-device computation
-        ys = _swiglu(xs, w1, w3, w2, group_sizes, tensor_axis)
+        ys = _swiglu(xs, w1, w3, w2, group_sizes, tensor_axis, gmm_impl)
     else:
         ys = _dispatch_and_compute(
-            xs, group_sizes, w1, w3, w2, expert_axis=expert_axis, tensor_axis=tensor_axis, native=native
+            xs, group_sizes, w1, w3, w2, expert_axis=expert_axis, tensor_axis=tensor_axis, native=native,
+            gmm_impl=gmm_impl,
         )
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
     y = y.reshape(n, top_k, -1).astype(jnp.float32) * weights.astype(jnp.float32)[..., None]
@@ -161,6 +157,7 @@ def expert_swiglu(
     *,
     mesh,
     native: bool | None = None,
+    gmm_impl: str = "auto",
 ) -> jax.Array:
     """:func:`spattn_jax.moe.expert_swiglu` on ``mesh`` (same arguments, same result).
 
@@ -169,6 +166,7 @@ def expert_swiglu(
         w2: ``[E, F, D]`` -- global arrays, laid out as in the module docstring.
       mesh: the (abstract) mesh; ``E`` must divide by the ``expert`` shards, ``F`` by ``tensor``.
       native: use ``jax.lax.ragged_all_to_all`` (default: unless the mesh is on CPU).
+      gmm_impl: the grouped matmul (:func:`spattn_jax.kernels.grouped_matmul.gmm`).
     Returns:
       ``[N, D]`` in ``x.dtype``, rows over the batch axes.
     """
@@ -190,7 +188,8 @@ def expert_swiglu(
     native = native_ragged_all_to_all(mesh) if native is None else native
     rows, up, down = P(batch, None), P(expert_axis, None, tensor_axis), P(expert_axis, tensor_axis, None)
     body = functools.partial(
-        _local_moe, num_experts=num_experts, expert_axis=expert_axis, tensor_axis=tensor_axis, native=native
+        _local_moe, num_experts=num_experts, expert_axis=expert_axis, tensor_axis=tensor_axis, native=native,
+        gmm_impl=gmm_impl,
     )
     return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, up, up, down), out_specs=rows)(
         x, experts, weights, w1, w3, w2

@@ -47,7 +47,7 @@ def naive_moe(x, router, w1, w3, w2, top_k):
     return f
 
 
-def check_against_loop(tokens, experts, top_k, seed):
+def check_against_loop(tokens, experts, top_k, seed, gmm_impl="ragged_dot"):
     d, f = 6, 5
     rng = np.random.default_rng(seed)
     router = rng.normal(size=(d, experts)).astype(np.float32)
@@ -56,7 +56,7 @@ def check_against_loop(tokens, experts, top_k, seed):
     x = rng.normal(size=(tokens, d)).astype(np.float32)
     cot = rng.normal(size=(tokens, d)).astype(np.float32)
 
-    moe = nnx.eval_shape(lambda: MoE(d, f, experts, top_k, rngs=nnx.Rngs(0)))
+    moe = nnx.eval_shape(lambda: MoE(d, f, experts, top_k, gmm_impl=gmm_impl, rngs=nnx.Rngs(0)))
     for name, value in (("router", router), ("w1", w1), ("w3", w3), ("w2", w2)):
         getattr(moe, name).set_value(jnp.asarray(value))
     graphdef, state = nnx.split(moe)
@@ -89,6 +89,12 @@ def test_sorted_ragged_dot_equals_per_token_loop_values_and_grads(seed):
 @pytest.mark.parametrize("tokens, experts, top_k", [(3, 3, 3), (4, 1, 1)])
 def test_sorted_ragged_dot_equals_loop_edge_shapes(tokens, experts, top_k):
     check_against_loop(tokens, experts, top_k, seed=0)
+
+
+@pytest.mark.parametrize("tokens, experts, top_k", [(8, 5, 2), (3, 3, 3)])
+def test_pallas_grouped_matmul_moe_equals_per_token_loop(tokens, experts, top_k):
+    """The GPU path (Pallas grouped matmul, interpret mode here) against the same per-token loop."""
+    check_against_loop(tokens, experts, top_k, seed=1, gmm_impl="pallas_triton")
 
 
 def test_sort_assignments_groups_by_expert():
