@@ -10,6 +10,17 @@ Stages (``python bench/mgpu_dev.py STAGE [options]``):
   ``spattention_exclusive``, over ``--configs`` (JSON list of option dicts), beside cuDNN dense
   causal in the same process. Reports ms, useful TF/s and the ratio to cuDNN; prints a table last.
 * ``big``: 1x32768 and 1x65536 forward+backward (they must run) and forward TF/s at 1x16384.
+* ``stress``: the same shape's forward, dQ and dK/dV (``split``: three jitted calls, synchronised one
+  by one, so a hang names its kernel; ``joint``: ``jax.vjp`` as in ``check``) on fresh random data
+  every iteration, against the fp32 reference. A watchdog thread catches a hang: it prints the stage,
+  the Python stacks, attaches ``cuda-gdb`` (which kernel, which SASS instruction each warpgroup sits
+  on) and exits with code 3. Prints one ``RESULT`` line (passes / fails / hangs).
+* ``profile``: each kernel (forward, dQ, dK/dV) launched once per mask, for ``ncu`` or the Mosaic GPU
+  dump variables (``MOSAIC_GPU_DUMP_PTXAS`` / ``_SASS``); bench/mgpu_diag.sh drives it.
+* ``protocol`` (CPU, no GPU): simulates the barrier protocol of all three kernels from their traced
+  jaxprs (every warpgroup of every CTA interprets the kernel's scalar control flow; a random scheduler
+  interleaves them and the TMA engine; mbarriers with per-waiter parity as on sm90) and reports
+  deadlocks, parity aliasing and mis-armed TMA phases over the check cases and persistent settings.
 
 Timing is kernels.md §10's: median of ``--iters`` wall-clock calls each ended by
 ``block_until_ready`` after 2 warm-ups, plus the mean of back-to-back calls (``ms_pipelined``).
@@ -19,9 +30,14 @@ Writes ``<out>/mgpu_<stage>.json`` (``--out``, default ``$OUT`` or bench/results
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import random
+import shutil
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +48,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jax._src import core as jax_core  # noqa: E402  (protocol stage: jaxpr interpretation)
+from jax._src.state import indexing as state_indexing  # noqa: E402
+
 from spattn_jax import masks  # noqa: E402
 from spattn_jax.kernels import pallas_mosaic_gpu as mg  # noqa: E402
 from spattn_jax.kernels import reference  # noqa: E402
@@ -209,6 +228,765 @@ def stage_time(args) -> list:
     return rows
 
 
+# -- stress / profile: the three kernels called one by one -------------------------------------------
+
+
+def split_fns(batch: int, n: int, variant: str, options: dict, heads: int = H, dim: int = D):
+    """Jitted ``fwd(q,k,v) -> (out, lse)``, ``prep(out, lse, do) -> (lse2, delta)``, ``dq(...)``, ``dkv(...)``.
+
+    The kernels of :func:`mg.attention`'s custom VJP, on shapes that need no padding (``n`` a multiple
+    of the tiles, ``dim`` 64 or 128), with no GQA (``K = H``).
+    """
+    fwd_mod, bwd_mod = mg._kernels()
+    spec = masks.make(variant, num_heads=heads, band_len=None)
+    plan = mg.make_plan((batch, n, heads, dim), (batch, n, heads, dim), spec, scale=None, segments=False,
+                        config=mg.make_config(**options))
+    if (plan.q_pad, plan.kv_pad, plan.head_dim) != (n, n, dim):
+        raise ValueError(f"split_fns needs an unpadded shape, got n={n} (pads to {plan.q_pad}), dim={dim}")
+    return dict(
+        fwd=jax.jit(lambda q, k, v: fwd_mod.forward(plan, q, k, v, None, None)),
+        prep=jax.jit(lambda out, lse, do: (mg.backward_lse(plan, lse), mg.backward_delta(plan, out, do))),
+        dq=jax.jit(lambda q, k, v, do, l2, dl: bwd_mod.backward_dq(plan, q, k, v, do, l2, dl, None, None)),
+        dkv=jax.jit(lambda q, k, v, do, l2, dl: bwd_mod.backward_dkv(plan, q, k, v, do, l2, dl, None, None)),
+    )
+
+
+class Watchdog:
+    """Catches a stall: prints the stage, all Python stacks, a cuda-gdb view of the GPU, then exits 3."""
+
+    def __init__(self, out: Path, use_gdb: bool, counts: dict):
+        self.out, self.use_gdb, self.counts = out, use_gdb, counts
+        self.label, self.limit, self.t0 = "start", 600.0, time.monotonic()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def progress(self, label: str, limit: float):
+        self.label, self.limit, self.t0 = label, limit, time.monotonic()
+
+    def _run(self):
+        while True:
+            time.sleep(0.5)
+            if time.monotonic() - self.t0 > self.limit:
+                break
+        log(f"HANG: no progress for {self.limit:.0f}s in stage '{self.label}' (pid {os.getpid()})")
+        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+        if self.use_gdb:
+            try:
+                gdb_dump(os.getpid(), self.out)
+            except Exception as e:  # noqa: BLE001
+                log(f"cuda-gdb failed: {e!r}")
+        c = self.counts
+        log(f"RESULT pass={c['pass']} fail={c['fail']} hang=1 hang_stage={self.label}")
+        sys.stdout.flush()
+        os._exit(3)
+
+
+def _gdb(pid: int, cmds: list, timeout: float) -> str:
+    args = ["cuda-gdb", "-q", "-nx", "-batch", "-p", str(pid), "-ex", "set pagination off", "-ex", "set confirm off"]
+    for c in cmds:
+        args += ["-ex", c]
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        return r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        return f"(cuda-gdb timed out after {timeout}s)\n" + (e.stdout or b"").decode(errors="replace")[-4000:]
+
+
+def gdb_dump(pid: int, out: Path) -> None:
+    """Two cuda-gdb attaches: the running kernels and blocks, then each warpgroup's SASS at its PC."""
+    if shutil.which("cuda-gdb") is None:
+        log("cuda-gdb: not installed")
+        return
+    try:  # let a child attach to us even under Yama ptrace_scope=1 (PR_SET_PTRACER, PR_SET_PTRACER_ANY)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(0x59616D61, ctypes.c_ulong(-1), 0, 0, 0)
+    except Exception:  # noqa: BLE001
+        pass
+    text = _gdb(pid, ["info cuda kernels", "info cuda blocks"], timeout=45)
+    log("## cuda-gdb: info cuda kernels / blocks\n" + text[-6000:])
+    blocks = []
+    for line in text.splitlines():  # "*  (0,0,0)     (191,0,0)   192 running" (ranges of blocks)
+        parts = [p for p in line.replace("*", " ").split() if p.startswith("(") and p.endswith(")")]
+        if parts and "running" in line:
+            blocks.append(parts[0])
+    cmds = []
+    for blk in blocks[:2]:
+        cmds += [f"cuda block {blk} thread (0,0,0)", "info cuda warps"]
+        for tid in (0, 96, 128, 224, 256, 352):  # first and last warp of each warpgroup
+            cmds += [f"cuda block {blk} thread ({tid},0,0)", "x/4i $pc"]
+    text2 = _gdb(pid, cmds, timeout=60) if cmds else "(no running CUDA blocks: the hang is on the host)\n"
+    log("## cuda-gdb: warps and SASS at the PC of each warpgroup's first and last warp\n" + text2[-8000:])
+    full = "## info cuda kernels / blocks\n" + text + "\n## per-warpgroup PCs\n" + text2
+    (out / "mgpu_hang_gdb.log").write_text(full)
+
+
+def stage_stress(args) -> list:
+    batch, n = (int(x) for x in args.shapes.split(",")[0].split("x"))
+    variant = args.masks.split(",")[0]
+    options = json.loads(args.options) if args.options else {}
+    modes = args.modes.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"pass": 0, "fail": 0}
+    dog = Watchdog(out, use_gdb=not args.no_gdb, counts=counts)
+    dog.progress("compile", args.compile_s)
+    log(f"# stress {batch}x{n} {variant} options={options} modes={modes} iters={args.iters}")
+    # Compile everything first, so that every call below is held to --stall-s (a Mosaic GPU kernel still
+    # loads its module on the first call: well under a second).
+    f = split_fns(batch, n, variant, options)
+    spec = masks.make(variant, num_heads=H, band_len=None)
+
+    def joint_fn(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: mg.attention(q, k, v, mask=spec, **options), q, k, v)
+        return o, vjp(do)
+
+    def ref_fn(q, k, v, do):
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        o, vjp = jax.vjp(lambda q, k, v: reference.attention(q, k, v, mask=spec), *f32)
+        return o, vjp(do.astype(jnp.float32))
+
+    t0 = time.perf_counter()
+    x = jax.ShapeDtypeStruct((batch, n, H, D), jnp.bfloat16)
+    c = {}
+    if "split" in modes:
+        out_, lse = jax.eval_shape(f["fwd"], x, x, x)
+        l2, dl = jax.eval_shape(f["prep"], out_, lse, x)
+        c.update(fwd=f["fwd"].lower(x, x, x).compile(), prep=f["prep"].lower(out_, lse, x).compile(),
+                 dq=f["dq"].lower(x, x, x, x, l2, dl).compile(), dkv=f["dkv"].lower(x, x, x, x, l2, dl).compile())
+    if "joint" in modes:
+        c["joint"] = jax.jit(joint_fn).lower(x, x, x, x).compile()
+    if not args.no_ref:
+        c["ref"] = jax.jit(ref_fn).lower(x, x, x, x).compile()
+    log(f"compiled {sorted(c)} in {time.perf_counter() - t0:.1f}s")
+    rows = []
+    for it in range(args.iters):
+        mode = modes[it % len(modes)]
+        q, k, v, do = make_inputs(batch, n, seed=args.seed0 + it)
+        t0 = time.perf_counter()
+        times = {}
+        if mode == "split":
+            dog.progress(f"iter {it} split fwd", args.stall_s)
+            out_, lse = jax.block_until_ready(c["fwd"](q, k, v))
+            times["fwd"] = time.perf_counter() - t0
+            lse2, delta = jax.block_until_ready(c["prep"](out_, lse, do))
+            dog.progress(f"iter {it} split dq", args.stall_s)
+            t1 = time.perf_counter()
+            dq = jax.block_until_ready(c["dq"](q, k, v, do, lse2, delta))
+            times["dq"] = time.perf_counter() - t1
+            dog.progress(f"iter {it} split dkv", args.stall_s)
+            t1 = time.perf_counter()
+            dk, dv = jax.block_until_ready(c["dkv"](q, k, v, do, lse2, delta))
+            times["dkv"] = time.perf_counter() - t1
+        else:
+            dog.progress(f"iter {it} joint fwd+bwd", args.stall_s)
+            out_, (dq, dk, dv) = jax.block_until_ready(c["joint"](q, k, v, do))
+            times["fwd+bwd"] = time.perf_counter() - t0
+        rec = dict(iter=it, mode=mode, seconds={k_: round(t, 4) for k_, t in times.items()})
+        if not args.no_ref:
+            dog.progress(f"iter {it} reference", args.stall_s)
+            o_ref, (dq_r, dk_r, dv_r) = jax.block_until_ready(c["ref"](q, k, v, do))
+            errs = {"out": rel_err(out_, o_ref), "dq": rel_err(dq, dq_r), "dk": rel_err(dk, dk_r),
+                    "dv": rel_err(dv, dv_r)}
+            rec["errors"] = errs
+            rec["ok"] = all(np.isfinite(e) and e <= TOL[k_] for k_, e in errs.items())
+        else:
+            rec["ok"] = bool(np.all(np.isfinite(np.asarray(out_, np.float32))))
+        counts["pass" if rec["ok"] else "fail"] += 1
+        rows.append(rec)
+        log(f"iter {it:2d} {mode:5s} ok={rec['ok']} "
+            + " ".join(f"{k_}={v_:.2e}" for k_, v_ in rec.get("errors", {}).items())
+            + " | " + " ".join(f"{k_} {1e3 * t:.1f}ms" for k_, t in times.items()))
+    dog.progress("done", 1e9)
+    log(f"RESULT pass={counts['pass']} fail={counts['fail']} hang=0")
+    return rows
+
+
+def stage_profile(args) -> list:
+    """Each kernel once per mask (after compiling everything), for ncu's kernel filter and launch count."""
+    batch, n = (int(x) for x in args.shapes.split(",")[0].split("x"))
+    options = json.loads(args.options) if args.options else {}
+    rows = []
+    staged = []
+    for variant in args.masks.split(","):
+        f = split_fns(batch, n, variant, options)
+        q, k, v, do = make_inputs(batch, n)
+        out_, lse = jax.eval_shape(f["fwd"], q, k, v)
+        compiled = dict(fwd=f["fwd"].lower(q, k, v).compile(), prep=f["prep"].lower(out_, lse, do).compile())
+        l2, dl = jax.eval_shape(f["prep"], out_, lse, do)
+        compiled["dq"] = f["dq"].lower(q, k, v, do, l2, dl).compile()
+        compiled["dkv"] = f["dkv"].lower(q, k, v, do, l2, dl).compile()
+        staged.append((variant, compiled, (q, k, v, do)))
+        log(f"compiled {variant} {batch}x{n}")
+    for variant, c, (q, k, v, do) in staged:
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            out_, lse = jax.block_until_ready(c["fwd"](q, k, v))
+            t1 = time.perf_counter()
+            l2, dl = jax.block_until_ready(c["prep"](out_, lse, do))
+            t2 = time.perf_counter()
+            jax.block_until_ready(c["dq"](q, k, v, do, l2, dl))
+            t3 = time.perf_counter()
+            jax.block_until_ready(c["dkv"](q, k, v, do, l2, dl))
+            t4 = time.perf_counter()
+            rec = dict(variant=variant, shape=f"{batch}x{n}", fwd_ms=1e3 * (t1 - t0), dq_ms=1e3 * (t3 - t2),
+                       dkv_ms=1e3 * (t4 - t3))
+            rows.append(rec)
+            log(f"profile {variant:22s} {batch}x{n} fwd {rec['fwd_ms']:.3f} dq {rec['dq_ms']:.3f} "
+                f"dkv {rec['dkv_ms']:.3f} ms (synced, first calls)")
+    return rows
+
+
+# -- protocol: the kernels' barrier protocol, simulated from their jaxprs (CPU, no GPU) -----------------
+#
+# Every warpgroup of a CTA interprets the *same kernel jaxpr* that Mosaic GPU lowers (scalar control
+# flow evaluated exactly from the static work list / run tables, array math skipped), and a scheduler
+# interleaves the three warpgroups and the TMA engine at random. mbarriers are modelled as on sm90:
+# ``Barrier(num_arrivals=N)`` completes a phase after N warpgroup arrivals (or N TMA copies), and
+# every wait uses the *waiter's own* parity bit (Mosaic keeps one bit per barrier per thread, flipped
+# by each wait). Reported: deadlocks (nobody can move; which barrier each warpgroup waits on), parity
+# aliasing (a waiter two or more phases behind: it would pass or block on the wrong phase), a TMA
+# armed on a barrier phase that is already fully armed (transaction bytes of two phases mixed), and
+# TMA phases that no warpgroup waited for (a copy may land after the CTA moved on or exited).
+
+
+class _Unknown:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "?"
+
+
+UNK = _Unknown()
+
+
+class SimBuffer:
+    """Any ref whose contents the protocol does not need (SMEM buffers, GMEM tensors)."""
+
+
+class SimTable:
+    """A GMEM int table with its concrete values (work list, run table, interval table)."""
+
+    def __init__(self, arr):
+        self.arr = np.asarray(arr)
+
+
+class SimBarrier:
+    def __init__(self, name: str, num: int, arrivals: int):
+        self.name, self.arrivals = name, arrivals
+        self.phase = [0] * num  # completed phases
+        self.count = [0] * num  # arrivals in the current phase
+        self.inflight = [0] * num  # TMA copies issued, not landed
+        self.tma = [0] * num  # TMA copies issued in total
+
+    def arrive(self, i: int):
+        self.count[i] += 1
+        if self.count[i] == self.arrivals:
+            self.count[i] = 0
+            self.phase[i] += 1
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class _Ctx:
+    def __init__(self, cta_state, axes, names):
+        self.cta, self.axes, self.names = cta_state, axes, names
+
+
+class _CtaState:
+    def __init__(self):
+        self.alloc = {}
+        self.barriers = []
+
+
+def _sub_jaxprs(eqn):
+    for v in eqn.params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(x, jax_core.ClosedJaxpr):
+                yield x.jaxpr, x.consts
+            elif isinstance(x, jax_core.Jaxpr):
+                yield x, ()
+
+
+def _has_barrier_ops(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("barrier_arrive", "barrier_wait", "copy_gmem_to_smem"):
+            return True
+        if any(_has_barrier_ops(j) for j, _ in _sub_jaxprs(eqn)):
+            return True
+    return False
+
+
+def _concrete(x) -> bool:
+    return isinstance(x, (int, bool, float, np.generic)) or (isinstance(x, np.ndarray) and x.shape == ())
+
+
+def _idiv(a, b):
+    q = np.abs(a) // np.abs(b)
+    return (q * np.sign(a) * np.sign(b)).astype(np.asarray(a).dtype)
+
+
+_FAST = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "max": np.maximum,
+    "min": np.minimum,
+    "lt": lambda a, b: np.bool_(a < b),
+    "le": lambda a, b: np.bool_(a <= b),
+    "gt": lambda a, b: np.bool_(a > b),
+    "ge": lambda a, b: np.bool_(a >= b),
+    "eq": lambda a, b: np.bool_(a == b),
+    "ne": lambda a, b: np.bool_(a != b),
+    "and": lambda a, b: a & b,
+    "or": lambda a, b: a | b,
+    "not": lambda a: np.logical_not(a) if np.asarray(a).dtype == bool else np.invert(a),
+    "neg": lambda a: -a,
+    "sign": np.sign,
+    "div": _idiv,
+    "rem": np.fmod,
+    "select_n": lambda p, *cases: cases[int(p)],
+}
+
+
+def _pure(eqn, invals):
+    outs = eqn.outvars
+    scalar = all(getattr(v.aval, "shape", None) == () for v in outs) and all(_concrete(x) for x in invals)
+    if not scalar or not outs:
+        if eqn.effects and any(_has_barrier_ops(j) for j, _ in _sub_jaxprs(eqn)):
+            raise ProtocolError(f"unhandled primitive with barrier operations inside: {eqn.primitive.name}")
+        res = [UNK] * len(outs)
+    else:
+        name = eqn.primitive.name
+        vals = [np.asarray(x)[()] for x in invals]
+        if name in _FAST:
+            res = [np.asarray(_FAST[name](*vals))[()]]
+        elif name == "convert_element_type":
+            res = [np.asarray(vals[0]).astype(eqn.params["new_dtype"])[()]]
+        else:
+            out = eqn.primitive.bind(*vals, **eqn.params)
+            res = [np.asarray(o)[()] for o in (out if eqn.primitive.multiple_results else [out])]
+    return res if eqn.primitive.multiple_results else res[0]
+
+
+def _eval(jaxpr, consts, args, ctx):
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax_core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        rule = _RULES.get(eqn.primitive.name)
+        if rule is not None:
+            outs = yield from rule(eqn, invals, ctx)
+        elif eqn.primitive.name in _CALLS:
+            sub = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+            if not eqn.effects and not _has_barrier_ops(getattr(sub, "jaxpr", sub)) and any(
+                not _concrete(x) for x in invals
+            ):
+                outs = [UNK] * len(eqn.outvars)
+            else:
+                j, c = (sub.jaxpr, sub.consts) if isinstance(sub, jax_core.ClosedJaxpr) else (sub, ())
+                outs = yield from _eval(j, c, invals, ctx)
+            outs = outs if eqn.primitive.multiple_results else outs[0]
+        else:
+            outs = _pure(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for v, o in zip(eqn.outvars, outs):
+            if not isinstance(v, jax_core.DropVar):
+                env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "remat", "checkpoint")
+
+
+def _index(x, what):
+    if x is UNK or not _concrete(x):
+        raise ProtocolError(f"{what} depends on data the protocol does not track")
+    return int(x)
+
+
+def _resolve(transforms, what):
+    """Integer indices of a chain of NDIndexers (full slices give 0)."""
+    idx = []
+    for t in transforms:
+        for d in getattr(t, "indices", ()):
+            if isinstance(d, state_indexing.Slice):
+                idx.append(_index(d.start, what) if not isinstance(d.start, int) else d.start)
+            else:
+                idx.append(_index(d, what))
+    return idx
+
+
+def _rule_get(eqn, invals, ctx):
+    ref, *flat = invals
+    if isinstance(ref, SimTable) and eqn.outvars[0].aval.shape == ():
+        idx = _resolve(jax.tree_util.tree_unflatten(eqn.params["tree"], flat), "table index")
+        return np.asarray(ref.arr[tuple(idx)])[()]
+    return UNK
+    yield
+
+
+def _barrier_slot(barrier, transforms):
+    idx = _resolve(transforms, f"barrier index of {barrier.name}")
+    i = idx[0] if idx else 0
+    if not 0 <= i < len(barrier.phase):
+        raise ProtocolError(f"barrier {barrier.name}[{i}] out of range")
+    return i
+
+
+def _rule_barrier(kind):
+    def rule(eqn, invals, ctx):
+        barrier, *flat = invals
+        transforms = jax.tree_util.tree_unflatten(eqn.params["transforms_treedef"], flat)
+        yield (kind, barrier, _barrier_slot(barrier, transforms))
+        return []
+
+    return rule
+
+
+def _rule_copy_in(eqn, invals, ctx):
+    _, _, barrier, *flat = invals
+    p = eqn.params
+    n_src, n_dst = p["src_transforms_treedef"].num_leaves, p["dst_transforms_treedef"].num_leaves
+    transforms = jax.tree_util.tree_unflatten(p["barrier_transforms_treedef"], flat[n_src + n_dst :])
+    yield ("tma", barrier, _barrier_slot(barrier, transforms))
+    return []
+
+
+def _rule_axis_index(eqn, invals, ctx):
+    return np.int32(ctx.axes[eqn.params["axis_name"]])
+    yield
+
+
+def _rule_run_scoped(eqn, invals, ctx):
+    inner = eqn.params["jaxpr"]
+    objs = []
+    for v in inner.invars:
+        dtype = getattr(getattr(v.aval, "inner_aval", None), "dtype", None)
+        if type(dtype).__name__ == "BarrierType":
+            if v not in ctx.cta.alloc:
+                j = len(ctx.cta.barriers)
+                name = ctx.names[j] if j < len(ctx.names) else f"barrier{j}"
+                b = SimBarrier(name, int(np.prod(v.aval.shape)), int(dtype.num_arrivals))
+                ctx.cta.alloc[v] = b
+                ctx.cta.barriers.append(b)
+            objs.append(ctx.cta.alloc[v])
+        else:
+            objs.append(SimBuffer())
+    outs = yield from _eval(inner, invals, objs, ctx)
+    return outs
+
+
+def _rule_cond(eqn, invals, ctx):
+    branches = eqn.params["branches"]
+    i = min(max(_index(invals[0], "a pl.when / lax.cond predicate"), 0), len(branches) - 1)
+    b = branches[i]
+    outs = yield from _eval(b.jaxpr, b.consts, invals[1:], ctx)
+    return outs
+
+
+def _rule_while(eqn, invals, ctx):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, carry = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
+    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+    while True:
+        (pred,) = yield from _eval(cj.jaxpr, cj.consts, cconsts + carry, ctx)
+        if not _index(pred, "a loop condition"):
+            return carry
+        carry = yield from _eval(bj.jaxpr, bj.consts, bconsts + carry, ctx)
+
+
+def _rule_scan(eqn, invals, ctx):
+    p = eqn.params
+    nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
+    consts, carry, xs = invals[:nc], invals[nc : nc + ncarry], invals[nc + ncarry :]
+    body = p["jaxpr"]
+    n_ys = len(eqn.outvars) - ncarry
+    for i in range(length):
+        it = length - 1 - i if p.get("reverse") else i
+        x = [np.asarray(a)[it][()] if isinstance(a, np.ndarray) else UNK for a in xs]
+        outs = yield from _eval(body.jaxpr, body.consts, consts + carry + x, ctx)
+        carry = outs[:ncarry]
+    return carry + [UNK] * n_ys
+
+
+def _rule_run_state(eqn, invals, ctx):
+    inner = eqn.params["jaxpr"]
+    if _has_barrier_ops(inner):
+        yield from _eval(inner, [], [SimBuffer() for _ in inner.invars], ctx)
+    return [UNK] * len(eqn.outvars)
+
+
+_RULES = {
+    "get": _rule_get,
+    "barrier_arrive": _rule_barrier("arrive"),
+    "barrier_wait": _rule_barrier("wait"),
+    "copy_gmem_to_smem": _rule_copy_in,
+    "axis_index": _rule_axis_index,
+    "run_scoped": _rule_run_scoped,
+    "cond": _rule_cond,
+    "while": _rule_while,
+    "scan": _rule_scan,
+    "run_state": _rule_run_state,
+}
+
+
+def find_kernel(closed) -> tuple:
+    """(kernel jaxpr, kernel args, grid, num_threads) of the one Mosaic GPU kernel in ``closed``."""
+    found = []
+
+    def walk(jaxpr, values):
+        for eqn in jaxpr.eqns:
+            vals = [v.val if isinstance(v, jax_core.Literal) else values.get(v) for v in eqn.invars]
+            if eqn.primitive.name == "mpmd_map" or "meshes" in eqn.params:
+                found.append((eqn, vals))
+                continue
+            for sub, consts in _sub_jaxprs(eqn):
+                inner = dict(zip(sub.constvars, consts))
+                if len(sub.invars) == len(vals):
+                    inner.update({v: x for v, x in zip(sub.invars, vals) if x is not None})
+                walk(sub, inner)
+
+    walk(closed.jaxpr, dict(zip(closed.jaxpr.constvars, closed.consts)))
+    if len(found) != 1:
+        raise ProtocolError(f"expected one Mosaic GPU kernel, found {len(found)}")
+    eqn, vals = found[0]
+    (mesh,) = eqn.params["meshes"]
+    (kjaxpr,) = eqn.params["jaxprs"]
+    args = [SimTable(np.asarray(x)) if x is not None and np.asarray(x).dtype.kind == "i" else SimBuffer() for x in vals]
+    args += [SimBuffer() for _ in range(len(kjaxpr.invars) - len(args))]
+    return kjaxpr, args, tuple(mesh.grid), int(mesh.num_threads)
+
+
+POLICIES = ("uniform", "producer_first", "consumers_first", "wg1_slow", "tma_slow")
+
+
+def simulate_cta(kjaxpr, args, cta: int, num_threads: int, names, policy: str, seed: int, max_events: int = 10**7):
+    """Run one CTA's warpgroups to the end or to a deadlock; returns a dict of findings."""
+    rng = random.Random(seed)
+    st = _CtaState()
+    problems = []
+    agents = []
+    for wg in range(num_threads):
+        ctx = _Ctx(st, {"cta": cta, "wg": wg}, names)
+        agents.append(dict(wg=wg, gen=_eval(kjaxpr, [], args, ctx), event=None, done=False, waits={}, n=0))
+
+    def advance(a):
+        try:
+            a["event"] = next(a["gen"])
+        except StopIteration:
+            a["event"], a["done"] = None, True
+
+    def ready(a):
+        if a["done"]:
+            return False
+        kind, b, i = a["event"]
+        if kind != "wait":
+            return True
+        k = a["waits"].get((id(b), i), 0)
+        return b.phase[i] % 2 != k % 2
+
+    landings = []
+    for a in agents:
+        advance(a)
+    for _ in range(max_events):
+        runnable = [a for a in agents if ready(a)]
+        if not runnable and not landings:
+            break
+        producer = num_threads - 1
+        if policy == "producer_first" and any(a["wg"] == producer for a in runnable):
+            runnable = [a for a in runnable if a["wg"] == producer]
+        elif policy == "consumers_first" and any(a["wg"] != producer for a in runnable):
+            runnable = [a for a in runnable if a["wg"] != producer]
+        elif policy == "wg1_slow" and len(runnable) > 1 and rng.random() < 0.9:
+            runnable = [a for a in runnable if a["wg"] != 1] or runnable
+        land_p = 0.05 if policy == "tma_slow" else 0.5
+        if landings and (not runnable or rng.random() < land_p):
+            b, i = landings.pop(rng.randrange(len(landings)))
+            b.inflight[i] -= 1
+            b.arrive(i)
+            continue
+        a = rng.choice(runnable)
+        kind, b, i = a["event"]
+        a["n"] += 1
+        if kind == "arrive":
+            b.arrive(i)
+        elif kind == "tma":
+            if b.count[i] + b.inflight[i] >= b.arrivals:
+                problems.append(f"wg{a['wg']}: TMA on {b.name}[{i}] while phase {b.phase[i]} is already fully armed")
+            b.inflight[i] += 1
+            b.tma[i] += 1
+            landings.append((b, i))
+        else:
+            k = a["waits"].get((id(b), i), 0)
+            if b.phase[i] >= k + 2:
+                problems.append(f"wg{a['wg']}: parity aliasing on {b.name}[{i}]: wait #{k} sees phase {b.phase[i]}")
+            a["waits"][(id(b), i)] = k + 1
+        advance(a)
+    else:
+        raise ProtocolError("event budget exhausted (livelock?)")
+    deadlock = None
+    if not all(a["done"] for a in agents):
+        deadlock = []
+        for a in agents:
+            if a["done"]:
+                deadlock.append(f"wg{a['wg']} done")
+            else:
+                kind, b, i = a["event"]
+                k = a["waits"].get((id(b), i), 0)
+                deadlock.append(f"wg{a['wg']} waits {b.name}[{i}] (its wait #{k}; phase {b.phase[i]}, "
+                                f"{b.count[i]}/{b.arrivals} arrived)")
+    else:
+        for b in st.barriers:
+            for i in range(len(b.phase)):
+                if b.tma[i]:
+                    waited = max((a["waits"].get((id(b), i), 0) for a in agents), default=0)
+                    if b.phase[i] > waited:
+                        problems.append(f"{b.name}[{i}]: {b.phase[i]} TMA phases, at most {waited} waited for")
+    return dict(deadlock=deadlock, problems=problems, events=sum(a["n"] for a in agents))
+
+BARRIER_NAMES = dict(
+    fwd=["q_ready", "q_free", "k_ready", "v_ready", "k_free", "v_free", "sched"],
+    dq=["rows_ready", "rows_free", "k_ready", "v_ready", "k_free", "v_free"],
+    dkv=["keys_ready", "keys_free", "q_ready", "do_ready", "q_free", "do_free"],
+)
+
+PROTOCOL_OPTIONS = [
+    {},
+    dict(num_ctas=1),
+    dict(num_ctas=2),
+    dict(num_ctas=3),
+    dict(num_ctas=7),
+    dict(block_kv=64, num_stages=3, num_stages_bwd=3, num_ctas=5),
+    dict(num_stages=1, num_stages_bwd=1, num_ctas=4),
+    dict(block_q=128, block_kv=64, block_q_dq=128, block_kv_dkv=128, num_ctas=3),
+]
+
+
+def kernel_jaxprs(case, options: dict) -> dict:
+    """``{kernel: closed jaxpr}`` of the forward, dQ and dK/dV kernels for a CASES entry (abstract inputs)."""
+    b, tq, tk, h, kv, d, variant, band_len, docs = case[:9]
+    fwd_mod, bwd_mod = mg._kernels()
+    spec = masks.make(variant, num_heads=h, band_len=band_len)
+    plan = mg.make_plan((b, tq, h, d), (b, tk, kv, d), spec, scale=None, segments=docs > 1,
+                        config=mg.make_config(**options))
+    sds = jax.ShapeDtypeStruct
+    q = sds((b, plan.q_pad, h, plan.head_dim), jnp.bfloat16)
+    k = sds((b, plan.kv_pad, kv, plan.head_dim), jnp.bfloat16)
+    lse = sds((b, h, plan.q_pad), jnp.float32)
+    segs = [sds((b, plan.q_pad), jnp.int32), sds((b, plan.kv_pad), jnp.int32)] if plan.segments else []
+
+    def seg(s):
+        return tuple(s) if s else (None, None)
+
+    return dict(
+        fwd=jax.make_jaxpr(lambda q, k, v, *s: fwd_mod.forward(plan, q, k, v, *seg(s)))(q, k, k, *segs),
+        dq=jax.make_jaxpr(lambda q, k, v, do, l2, dl, *s: bwd_mod.backward_dq(plan, q, k, v, do, l2, dl, *seg(s)))(
+            q, k, k, q, lse, lse, *segs),
+        dkv=jax.make_jaxpr(lambda q, k, v, do, l2, dl, *s: bwd_mod.backward_dkv(plan, q, k, v, do, l2, dl, *seg(s)))(
+            q, k, k, q, lse, lse, *segs),
+    )
+
+
+def stage_protocol(args) -> list:
+    cases = CASES if not args.cases else [CASES[int(i)] for i in args.cases.split(",")]
+    options = [json.loads(args.options)] if args.options else PROTOCOL_OPTIONS
+    policies = POLICIES[: args.policies]
+    rows = []
+    bad = 0
+    for i, case in enumerate(cases):
+        for opts in options:
+            opts = {**case[9], **opts} if len(case) > 9 else opts
+            try:
+                closed = kernel_jaxprs(case, opts)
+            except ValueError as e:  # e.g. shared memory over the limit for this config
+                log(f"protocol case {i} {opts}: skipped ({e})")
+                continue
+            for name, cj in closed.items():
+                t0 = time.perf_counter()
+                rec = dict(case=repr(case[:9]), options=opts, kernel=name)
+                try:
+                    kj, kargs, grid, nt = find_kernel(cj)
+                    ctas = list(range(grid[0]))
+                    if args.max_ctas and len(ctas) > args.max_ctas:  # a spread sample: heavy first, light last
+                        ctas = sorted(set(np.linspace(0, grid[0] - 1, args.max_ctas).astype(int).tolist()))
+                    dead, probs, events = [], [], 0
+                    for c in ctas:
+                        for pi, pol in enumerate(policies):
+                            r = simulate_cta(kj, kargs, c, nt, BARRIER_NAMES[name], pol, seed=1000 * c + pi)
+                            events += r["events"]
+                            if r["deadlock"]:
+                                dead.append(dict(cta=c, policy=pol, waits=r["deadlock"]))
+                            probs += [f"cta {c} {pol}: {p}" for p in r["problems"]]
+                    rec.update(grid=grid[0], ctas=len(ctas), events=events, deadlocks=len(dead), problems=len(probs),
+                               first_deadlock=dead[0] if dead else None, first_problems=probs[:3])
+                except ProtocolError as e:
+                    rec["error"] = str(e)
+                rec["seconds"] = round(time.perf_counter() - t0, 2)
+                rows.append(rec)
+                ok = "error" not in rec and not rec["deadlocks"] and not rec["problems"]
+                bad += not ok
+                msg = (f"ERROR {rec['error']}" if "error" in rec else
+                       f"grid {rec['grid']} ctas {rec['ctas']} events {rec['events']} deadlocks {rec['deadlocks']} "
+                       f"problems {rec['problems']}")
+                log(f"protocol {i} {case[6]:22s} {case[:3]} {json.dumps(opts):60s} {name:3s} "
+                    f"{'ok ' if ok else 'BAD'} {msg}")
+                if rec.get("first_deadlock"):
+                    log(f"    deadlock: {rec['first_deadlock']}")
+                for p_ in rec.get("first_problems", []):
+                    log(f"    {p_}")
+    log(f"RESULT protocol runs={len(rows)} bad={bad}")
+    return rows
+
+
+NCU_METRICS = (
+    ("Duration", "dur"),
+    ("Compute (SM) Throughput", "sm%"),
+    ("Memory Throughput", "mem%"),
+    ("DRAM Throughput", "dram%"),
+    ("Registers Per Thread", "regs"),
+    ("Dynamic Shared Memory Per Block", "dsmem"),
+    ("Achieved Occupancy", "occ%"),
+    ("Executed Ipc Active", "ipc"),
+    ("Warp Cycles Per Issued Instruction", "cyc/inst"),
+    ("L2 Hit Rate", "L2hit%"),
+)
+
+
+def stage_ncusum(args) -> list:
+    """A compact table of an ``ncu --csv --page details`` log: one row per profiled kernel."""
+    import csv
+
+    lines = Path(args.csv).read_text(errors="replace").splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
+    if start is None:
+        log(f"ncusum: no CSV header in {args.csv} (no kernel profiled?)")
+        return []
+    kernels: dict = {}
+    for rec in csv.DictReader(lines[start:]):
+        key = rec.get("ID")
+        k = kernels.setdefault(key, {"name": rec.get("Kernel Name", "?")[:40], "grid": rec.get("Grid Size", "")})
+        for metric, short_ in NCU_METRICS:
+            if rec.get("Metric Name") == metric and short_ not in k:
+                k[short_] = f"{rec.get('Metric Value', '')} {rec.get('Metric Unit', '')}".strip()
+    cols = ["name", "grid"] + [m[1] for m in NCU_METRICS]
+    log("| " + " | ".join(cols) + " |")
+    log("|" + "---|" * len(cols))
+    for k in kernels.values():
+        log("| " + " | ".join(str(k.get(c, "-")) for c in cols) + " |")
+    return list(kernels.values())
+
+
 def table(rows: list) -> str:
     cud = {r["shape"]: r for r in rows if r.get("impl") == "cudnn" and "error" not in r}
     lines = ["| impl | mask | shape | options | fwd ms | fwd+bwd ms | fwd TF/s | cuDNN causal / ours (fwd+bwd) |",
@@ -225,7 +1003,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("check", "time", "big"))
+    p.add_argument("stage", choices=("check", "time", "big", "stress", "profile", "protocol", "ncusum"))
     p.add_argument("--cases", default="", help="comma list of CASES indices (check)")
     p.add_argument("--case-json", default="", help="JSON list of cases (check), replacing --cases")
     p.add_argument("--shapes", default="2x8192")
@@ -233,12 +1011,36 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="", help="JSON list of option dicts (time)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-cudnn", action="store_true")
+    p.add_argument("--options", default="", help="JSON option dict (stress, profile; protocol: replaces its list)")
+    p.add_argument("--modes", default="split,joint", help="stress: alternate these call modes")
+    p.add_argument("--stall-s", type=float, default=20.0, help="stress: seconds without progress = hang")
+    p.add_argument("--compile-s", type=float, default=120.0, help="stress: limit for compiling everything first")
+    p.add_argument("--seed0", type=int, default=0)
+    p.add_argument("--no-ref", action="store_true", help="stress: skip the fp32 reference (sanitizer runs)")
+    p.add_argument("--no-gdb", action="store_true", help="stress: no cuda-gdb attach on a hang")
+    p.add_argument("--repeat", type=int, default=1, help="profile: calls per kernel")
+    p.add_argument("--max-ctas", type=int, default=48, help="protocol: CTAs simulated per kernel (0: all)")
+    p.add_argument("--policies", type=int, default=len(POLICIES), help="protocol: scheduling policies per CTA")
+    p.add_argument("--csv", default="", help="ncusum: the ncu --csv --page details log")
     p.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     log(f"# {dev.device_kind} | jax {jax.__version__} | mgpu supported: {mg.is_supported()}")
     if args.stage == "check":
         rows = stage_check(args)
+    elif args.stage == "stress":
+        if args.shapes == "2x8192":
+            args.shapes = "1x2048"
+        if args.masks == "spattention,spattention_exclusive":
+            args.masks = "spattention_exclusive"
+        rows = stage_stress(args)
+    elif args.stage == "profile":
+        rows = stage_profile(args)
+    elif args.stage == "protocol":
+        rows = stage_protocol(args)
+    elif args.stage == "ncusum":
+        stage_ncusum(args)
+        return 0
     elif args.stage == "time":
         rows = stage_time(args)
         log(table(rows))

@@ -1,6 +1,6 @@
 """Data x expert parallelism on one host's GPUs: training tokens/s and memory per GPU against one GPU.
 
-Issue 8's GPU measurement (not yet run): the ``olmoe_0p25b_1p75b`` preset (bf16 compute, fp32
+Issue 8's GPU measurement: the ``olmoe_0p25b_1p75b`` preset (bf16 compute, fp32
 parameters and AdamW state, sequence 1024) trained with the real train step
 (:func:`spattn_jax.train_loop.make_train_step` on :func:`spattn_jax.train_loop.mesh_placement`) on
 
@@ -20,6 +20,23 @@ doubles tokens/s. Batches are fixed random tokens (one packed document per row):
 is not measured. Each configuration runs in its own process (``CUDA_VISIBLE_DEVICES`` picks the GPUs),
 compiles, warms up, then times ``--steps`` steps with ``block_until_ready``; memory is each GPU's
 ``peak_bytes_in_use`` after the timed steps.
+
+Measured on 2x H200 (NVLink NV18; JAX 0.11.2; 8 rows of 1024 tokens per GPU, 20 timed steps;
+bench/results/multigpu_h200x2_2026-11-23.json):
+
+============  ==========  ===========  ========  ======================  ==================
+config        tokens/s    per GPU      vs 1 GPU  peak GiB per GPU        state GiB per GPU
+============  ==========  ===========  ========  ======================  ==================
+1gpu          76,713      76,713       1.00x     40.3                    19.9
+2gpu_data     141,444     70,722       1.84x     40.3, 40.3              19.9
+2gpu_expert   95,825      47,912       1.25x     40.1, 40.1              10.0
+2gpu_fsdp     132,643     66,322       1.73x     30.5, 30.5              10.0
+============  ==========  ===========  ========  ======================  ==================
+
+Expert parallelism pays two ragged all-to-alls per MoE layer and grouped matmuls over a receive
+buffer sized for the worst case (every peer routing every row here); at two GPUs, where the whole
+model fits on each, it is the slowest layout, and it halves the state without lowering the peak
+(the buffers take what the state gave back).
 
 Run (2xH200 machine)::
 

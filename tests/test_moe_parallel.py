@@ -31,6 +31,12 @@ def test_expert_parallel_worst_case_routing_drops_nothing():
     _assert_close(result, rel=2e-6)
 
 
+def test_expert_parallel_with_the_pallas_grouped_matmul():
+    # The GPU path's kernel (interpret mode) inside the shard_map: values and gradients as one device.
+    result, _ = run("parallel_ops", "moe", "float32", "random", "pallas_triton")
+    _assert_close(result, rel=2e-5)
+
+
 @pytest.mark.slow
 def test_expert_parallel_equals_single_device_bf16():
     # Expert outputs travel back in bf16 (the single-device path keeps fp32 until the weighted sum):

@@ -11,8 +11,8 @@ window + band, sharing one online-softmax state). On top of it, FA3 style:
 * the launch grid is a static *work list* computed in NumPy at trace time: one entry per
   (batch, head, tile), heaviest first (longest-processing-time order, ties head-major so a head's
   K/V stays in L2), so the long bands start first and the short and empty units fill the tail.
-  By default each CTA takes one entry; ``num_ctas`` turns on persistent CTAs (experimental: they
-  hung on the H100 whenever a CTA had several entries, see bench/NOTES_mgpu.md);
+  By default the CTAs are persistent, one per SM, each walking the list with stride ``num_ctas``
+  and prefetching its next unit's rows (``num_ctas=0``: one CTA per entry);
 * empty rows (no allowed key) write O = 0 and LSE = -inf; the backward reads their LSE as +inf so
   that every probability there is exactly 0. All three warpgroups of a CTA walk the same tile list,
   so a zero-trip loop keeps every barrier's phase in step (kernels.md §6).
@@ -68,11 +68,14 @@ class Config:
         ``block_q_dkv``).
       num_stages_bwd: depth of both backward kernels' rings.
       lpt: order the work list heaviest first (otherwise plain (b, h, tile) order).
-      num_ctas: CTAs per launch. ``0`` (default): one CTA per work item, launched in LPT order.
-        ``None`` (one per SM) or a count: persistent CTAs that walk the work list with stride
-        ``num_ctas``, prefetching the next unit's rows while finishing the current. EXPERIMENTAL:
-        the persistent mode hung on the H100 whenever a CTA had more than one unit (2026-11-23,
-        bench/NOTES_mgpu.md); one unit per CTA ran correctly.
+      num_ctas: CTAs per launch. ``None`` (default: one per SM) or a count: persistent CTAs that
+        walk the work list with stride ``num_ctas``, prefetching the next unit's rows while
+        finishing the current (H100, 2x8192: 10-15% faster than one CTA per item). ``0``: one
+        CTA per work item, launched in LPT order. The persistent mode used to hang whenever a CTA
+        had two busy units (the forward's producer waited for warpgroup 1's Q release before
+        streaming the K tile that the ping-pong barrier needs first); fixed 2026-11-23, checked by
+        the CPU protocol simulation (tests/kernels/test_pallas_mosaic_gpu.py) and on the H100
+        (bench/NOTES_mgpu.md).
     """
 
     block_q: int = 64
@@ -84,7 +87,7 @@ class Config:
     block_kv_dkv: int = 64
     num_stages_bwd: int = 2
     lpt: bool = True
-    num_ctas: int | None = 0
+    num_ctas: int | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -32,11 +32,10 @@ from spattn_jax.kernels import pallas_mosaic_gpu as common
 from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     COL,
     COMPUTE_WGS,
-    CONSUMER_REGS,
     LOG2E,
-    PRODUCER_REGS,
     ROW,
     WGMMA,
+    _register_split,
     band_allowed,
     stream_kv_tiles,
     bcast_cols,
@@ -79,7 +78,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
 
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
-        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        plgpu.set_max_registers(_register_split()[1], action="increase")
         q_smem, do_smem, dq_smem = q_smem2.at[wg], do_smem2.at[wg], dq_smem2.at[wg]
 
         def one_item(item, step):
@@ -142,7 +141,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
-        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+        plgpu.set_max_registers(_register_split()[0], action="decrease")
 
         def one_item(item, carry):
             step, loaded = carry
@@ -227,7 +226,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
 
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
-        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        plgpu.set_max_registers(_register_split()[1], action="increase")
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         dk_smem, dv_smem = dk_smem2.at[wg], dv_smem2.at[wg]
 
@@ -298,7 +297,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
-        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+        plgpu.set_max_registers(_register_split()[0], action="decrease")
 
         def one_item(item, carry):
             step, loaded = carry

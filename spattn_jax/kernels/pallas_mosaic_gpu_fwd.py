@@ -2,7 +2,7 @@
 
 A CTA works on one work-list entry ``(b, h, q_tile)`` of ``2 * block_q`` query rows at a time (by
 default one entry per CTA; ``Config.num_ctas`` > 0 or None makes the CTAs persistent, walking the
-list with a stride -- experimental, it hung on the H100 whenever a CTA had several entries):
+list with a stride -- experimental, see the Q ordering below and bench/NOTES_mgpu.md):
 
 * warpgroups 0 and 1 (consumers) own ``block_q`` rows each: ``S = Q K^T`` and ``O += P V`` with
   wgmma from shared memory, online softmax in registers (base 2, fp32). A shared "schedule"
@@ -11,7 +11,10 @@ list with a stride -- experimental, it hung on the H100 whenever a CTA had sever
 * warpgroup 2 (producer) loads each busy unit's Q halves and streams the K and V tiles of its runs
   into a ``num_stages`` ring with TMA; per-slot "ready" barriers (TMA transaction counts) and
   "free" barriers (one arrival per consumer warpgroup) pace it. A unit with no tile loads nothing
-  and writes O = 0, LSE = -inf.
+  and writes O = 0, LSE = -inf. Q half 1 is loaded only after the unit's first K/V tile: the
+  ping-pong barrier makes warpgroup 1's last tile of a unit wait for warpgroup 0's first tile of
+  the next, so in a persistent CTA warpgroup 1 can release its Q only after that first K tile has
+  arrived (waiting for the release first was the persistent-mode deadlock).
 
 Both consumers and the producer walk the same run list (schedule.py, at the CTA's ``2 * block_q``
 rows), so every barrier sees the same number of phases in every warpgroup even when a run is empty.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +48,18 @@ WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 PRODUCER_REGS, CONSUMER_REGS = 40, 232  # 2 x 128 x 232 + 128 x 40 <= 64K registers per SM
+
+
+def _register_split() -> tuple[int, int]:
+    """(producer, consumer) ``setmaxnreg`` counts; ``SPATTN_MGPU_REGS=56,224`` overrides (diagnosis only)."""
+    raw = os.environ.get("SPATTN_MGPU_REGS", "")
+    if not raw:
+        return PRODUCER_REGS, CONSUMER_REGS
+    producer, consumer = (int(x) for x in raw.split(","))
+    if producer % 8 or consumer % 8 or not 24 <= producer <= consumer <= 256 or producer + 2 * consumer > 512:
+        raise ValueError(f"SPATTN_MGPU_REGS={raw}: multiples of 8 in [24, 256], producer + 2 x consumer <= 512")
+    return producer, consumer
+
 
 # JAX 0.10 requires plgpu.load's index argument; 0.11 deprecates it (index the ref instead).
 _LOAD_TAKES_IDX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
@@ -168,7 +184,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
 
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
-        plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+        plgpu.set_max_registers(_register_split()[1], action="increase")
         q_smem, o_smem, lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
 
         def one_item(item, step):
@@ -253,23 +269,31 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
-        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+        plgpu.set_max_registers(_register_split()[0], action="decrease")
 
         def one_item(item, carry):
             step, loaded = carry
             b, h, q_tile, runs, _ = unit(item)
             kv_head = h // plan.groups
             busy = count_tiles(runs) > 0
-            for w in range(COMPUTE_WGS):  # this unit's Q, once each half's previous Q is done
+
+            def load_q(w):
+                # This unit's Q half ``w``, once warpgroup ``w`` released the previous busy unit's Q.
                 rows = pl.ds(q_tile * (COMPUTE_WGS * bq) + w * bq, bq)
+                wait_unless(loaded == 0, q_free.at[w])
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], q_ready.at[w])
 
-                @pl.when(busy)  # an empty unit writes zeros and needs no Q
-                def _():
-                    wait_unless(loaded == 0, q_free.at[w])
-                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], q_ready.at[w])
-
+            # Warpgroup 0's Q first, warpgroup 1's only after the unit's first K/V tile. The ping-pong
+            # barrier ties warpgroup 1's last tile of the previous unit to warpgroup 0's first tile
+            # of this one, so warpgroup 1 releases its Q only after warpgroup 0 has read this unit's
+            # first K tile: waiting for that release before streaming the tile deadlocks (it did,
+            # in every persistent CTA with two busy units; bench/NOTES_mgpu.md).
+            pl.when(busy)(lambda: load_q(0))  # an empty unit writes zeros and needs no Q
             kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
-            step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages)
+            step = stream_kv_tiles(
+                runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages,
+                after_first_tile=lambda: load_q(1),
+            )
             return step, loaded + busy.astype(jnp.int32)
 
         item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
@@ -289,14 +313,16 @@ def wait_unless(skip, barrier):
         plgpu.barrier_wait(barrier)
 
 
-def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, stages: int):
+def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, stages: int, after_first_tile=None):
     """Producer side of the K/V ring: TMA-copy the K and V tiles of a unit's runs into ``stages`` slots.
 
     ``kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)``; ``step`` counts tiles
     streamed so far (the ring position). A slot is reused only after its consumers release it.
-    Returns the new ``step``.
+    ``after_first_tile``, if given, runs once right after the unit's first K and V copies (never for
+    a unit without tiles). Returns the new ``step``.
     """
     k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free = kv
+    first = step
 
     def body(t, step, *, masked: bool):
         del masked
@@ -306,6 +332,8 @@ def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, sta
         plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
         wait_unless(step < stages, v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
+        if after_first_tile is not None:
+            pl.when(step == first)(after_first_tile)
         return step + 1
 
     return loop_runs(runs, flags, body, step)

@@ -26,8 +26,12 @@ def _on_mesh(shape, fn, *args):
         return jax.jit(fn)(*args)
 
 
-def check_moe(dtype: str = "float32", routing: str = "random") -> dict:
-    """Values and gradients (x, router weights, w1, w3, w2) of the expert-parallel MoE vs one device."""
+def check_moe(dtype: str = "float32", routing: str = "random", gmm_impl: str = "ragged_dot") -> dict:
+    """Values and gradients (x, router weights, w1, w3, w2) of the expert-parallel MoE vs one device.
+
+    The single-device reference always uses ``ragged_dot``; ``gmm_impl`` picks the sharded run's
+    grouped matmul (``pallas_triton``: the GPU kernel, interpret mode, on a few meshes).
+    """
     n, d, f, e, k = 64, 16, 12, 8, 2
     rng = np.random.default_rng(0)
     cdt = jnp.dtype(dtype)
@@ -46,14 +50,15 @@ def check_moe(dtype: str = "float32", routing: str = "random") -> dict:
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
 
-    want = jax.jit(loss_and_grads(moe.expert_swiglu))(x, weights, w1, w3, w2)
+    single = lambda *a: moe.expert_swiglu(*a, gmm_impl="ragged_dot")  # noqa: E731
+    want = jax.jit(loss_and_grads(single))(x, weights, w1, w3, w2)
     want = [want[0], *want[1]]
     scale = [float(jnp.max(jnp.abs(w.astype(jnp.float32)))) for w in want]
     out = {"scale": scale}
-    for shape in MOE_MESHES:
+    for shape in MOE_MESHES if gmm_impl == "ragged_dot" else [(2, 2, 2, 1), (1, 1, 4, 2)]:
 
         def sharded(x, weights, w1, w3, w2):
-            fn = lambda *a: moe_parallel.expert_swiglu(*a, mesh=sharding.current_mesh())  # noqa: E731
+            fn = lambda *a: moe_parallel.expert_swiglu(*a, mesh=sharding.current_mesh(), gmm_impl=gmm_impl)  # noqa: E731
             return loss_and_grads(fn)(x, weights, w1, w3, w2)
 
         got = _on_mesh(shape, sharded, x, weights, w1, w3, w2)
