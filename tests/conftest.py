@@ -16,4 +16,9 @@ settings.register_profile(
     derandomize=True,
 )
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# On a GPU every example compiles fresh kernels (seconds each): a few examples per test.
+settings.register_profile(
+    "gpu", max_examples=3, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
