@@ -6,6 +6,11 @@ from the checkpoint itself; ``--split`` picks the run's own train or validation 
 ``--gin_param``) may override ``data.*`` settings such as the batch size or tokenizer. Prints one JSON
 line: ``{"step", "split", "loss" (nats/token), "perplexity", "tokens"}``. Errors: one line ``error: ...``,
 exit code 2.
+
+Only the parameters are read (not the optimizer state), laid out on a device mesh by the training
+rules: ``--mesh=data,fsdp,expert,tensor`` (one size may be -1), by default the run's own mesh when it
+fits this machine's devices, else FSDP over all of them, so a model too large for one device is
+evaluated split like it trained.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="batches to score (0: all; default: the run's train.eval_batches)")
     parser.add_argument("--gin_file", action="append", default=[], help="gin file with data.* overrides")
     parser.add_argument("--gin_param", action="append", default=[], help="one gin binding (repeatable)")
+    parser.add_argument("--mesh", default=None,
+                        help="data,fsdp,expert,tensor sizes (default: the run's mesh, else FSDP over every device)")
     return parser.parse_args(argv)
 
 
@@ -72,6 +79,25 @@ def _is_bound(name: str) -> bool:
         return False
 
 
+def eval_mesh(arg: str | None, run_mesh: tuple[int, ...]) -> tuple[int, ...]:
+    """``--mesh`` as sizes; without it the run's mesh if it fits the devices here, else ``(1, -1, 1, 1)``."""
+    import math
+
+    import jax
+
+    if arg is not None:
+        try:
+            sizes = tuple(int(v) for v in arg.split(","))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 4:
+            raise ValueError(f"--mesh takes four comma-separated sizes data,fsdp,expert,tensor, got {arg!r}")
+        return sizes
+    fixed = math.prod(s for s in run_mesh if s != -1)
+    fits = jax.device_count() % fixed == 0 if -1 in run_mesh else fixed == jax.device_count()
+    return tuple(run_mesh) if fits else (1, -1, 1, 1)
+
+
 def run(args: argparse.Namespace) -> dict:
     import jax
 
@@ -85,12 +111,15 @@ def run(args: argparse.Namespace) -> dict:
         optim_cfg = optim.OptimConfig(**meta["optim"])
         train_cfg = train_loop.TrainConfig(**meta["train"])
         data_cfg = data_config_from(meta, args)
-        place = train_loop.data_parallel_placement()
-        train_loop.check_setup(model_cfg, data_cfg, dataclasses.replace(train_cfg, grad_accum_steps=1), jax.device_count())
-        # The optimizer is rebuilt only to give the saved state its structure; its values are unused.
+        # The optimizer is rebuilt only for the layout rules of the state; nothing of it is read.
         optimizer = optim.make_optimizer(optim_cfg, train_cfg.total_steps)
         init = train_loop.state_initializer(model_cfg, optimizer, train_cfg.seed)
-        state = checkpoint.restore_state(manager, step, train_loop.abstract_state(init, place.replicated))
+        train_cfg = dataclasses.replace(train_cfg, grad_accum_steps=1, mesh=eval_mesh(args.mesh, train_cfg.mesh))
+        train_loop.check_setup(model_cfg, data_cfg, train_cfg, jax.device_count())
+        place = train_loop.mesh_placement(train_cfg.mesh_config, model_cfg, optimizer, init)
+        params = checkpoint.restore_params(
+            manager, step, train_loop.abstract_state(init, place.state_shardings)["params"]
+        )
     finally:
         manager.close()
     split = "validation" if args.data_path else args.split
@@ -98,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
     graphdef, rest = train_loop.model_graph(model_cfg)
     pipeline = data.make_pipeline(data_cfg, split)
     result = train_loop.evaluate(
-        train_loop.make_eval_step(graphdef, rest), state["params"], pipeline.dataset, num_batches, place.put_batch
+        train_loop.make_eval_step(graphdef, rest, place), params, pipeline.dataset, num_batches, place.put_batch
     )
     return {"step": step, "split": split, **result}
 

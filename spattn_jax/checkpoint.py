@@ -130,6 +130,20 @@ def read_meta(manager: ocp.CheckpointManager, step: int | None = None) -> tuple[
     return step, dict(meta)
 
 
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+    """The parameters of ``step``, restored into ``abstract_params``'s layout; the optimizer state
+    and the data iterator are not read (evaluation needs a third of the state's memory)."""
+    # The manager's "state" item is a standard (pytree) checkpoint; reading a subtree of it needs the
+    # pytree handler's partial restore, which the manager's registered standard handler lacks.
+    item = {"params": abstract_params}
+    path = os.path.join(os.fspath(manager.directory), str(step), "state")
+    restore = ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+    )
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(path, args=restore)["params"]
+
+
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     """The train state of ``step`` alone (no iterator), restored into ``abstract_state``'s layout."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
