@@ -94,10 +94,12 @@ class Block(nnx.Module):
     def __call__(self, x, positions, segment_ids) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """``x [B, T, D]`` -> ``(x [B, T, D], router stats or None)``."""
         x = sharding.constrain(x + self.attn(self.attn_norm(x), positions, segment_ids), sharding.BATCH_LENGTH_EMBED)
-        h = self.ffn(self.ffn_norm(x))
         if self.is_moe:
-            h, stats = h
+            # Padding (segment id 0) stays out of the router statistics and the aux losses.
+            real = None if segment_ids is None else segment_ids > 0
+            h, stats = self.ffn(self.ffn_norm(x), real)
             return sharding.constrain(x + h, sharding.BATCH_LENGTH_EMBED), stats
+        h = self.ffn(self.ffn_norm(x))
         return sharding.constrain(x + h, sharding.BATCH_LENGTH_EMBED), None
 
 

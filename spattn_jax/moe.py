@@ -57,29 +57,46 @@ def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Arra
     return probs, weights, experts.astype(jnp.int32)
 
 
-def router_load(experts: jax.Array, num_experts: int) -> jax.Array:
-    """``f [E]``: fraction of the ``N k`` token-expert assignments each expert received (sums to 1)."""
-    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
-    return counts / experts.size
+# Router statistics take an optional ``mask [N]`` of real tokens: padding (segment id 0) neither
+# counts as load nor pulls the balance and z losses, as HF's ``load_balancing_loss_func`` does with an
+# attention mask. Without a mask every token counts.
 
 
-def load_balancing_loss(probs: jax.Array, experts: jax.Array) -> jax.Array:
+def _token_weights(n: int, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``w [N]`` fp32 (1 for counted tokens) and their number (at least 1, so all-padding gives 0)."""
+    w = jnp.ones((n,), jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
+    return w, jnp.maximum(jnp.sum(w), 1.0)
+
+
+def router_load(experts: jax.Array, num_experts: int, mask: jax.Array | None = None) -> jax.Array:
+    """``f [E]``: fraction of the counted tokens' ``k`` assignments each expert received (sums to 1)."""
+    w, count = _token_weights(experts.shape[0], mask)
+    weights = jnp.broadcast_to(w[:, None], experts.shape).reshape(-1)
+    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(weights)
+    return counts / (count * experts.shape[1])
+
+
+def load_balancing_loss(probs: jax.Array, experts: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """``E * sum_e f_e P_e`` (scalar, fp32); gradients flow through ``P`` only (``f`` is a count)."""
     num_experts = probs.shape[-1]
-    f = jax.lax.stop_gradient(router_load(experts, num_experts))
-    p_mean = jnp.mean(probs.astype(jnp.float32), axis=0)
+    f = jax.lax.stop_gradient(router_load(experts, num_experts, mask))
+    w, count = _token_weights(probs.shape[0], mask)
+    p_mean = jnp.sum(probs.astype(jnp.float32) * w[:, None], axis=0) / count
     return num_experts * jnp.sum(f * p_mean)
 
 
-def router_z_loss(logits: jax.Array) -> jax.Array:
-    """``mean_t logsumexp(logits_t)^2`` (scalar, fp32)."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+def router_z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """``mean_t logsumexp(logits_t)^2`` over counted tokens (scalar, fp32)."""
+    w, count = _token_weights(logits.shape[0], mask)
+    return jnp.sum(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)) * w) / count
 
 
-def router_entropy(probs: jax.Array) -> jax.Array:
-    """Mean over tokens of the router distribution's entropy in nats (scalar; ``log E`` when uniform)."""
+def router_entropy(probs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean over counted tokens of the router distribution's entropy in nats (``log E`` when uniform)."""
     p = probs.astype(jnp.float32)
-    return -jnp.mean(jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
+    w, count = _token_weights(p.shape[0], mask)
+    ent = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    return jnp.sum(ent * w) / count
 
 
 # -- dropless expert computation -----------------------------------------------------------------
@@ -177,11 +194,14 @@ class MoE(nnx.Module):
             rngs.params(), (num_experts, hidden, d_model), ("exp", "mlp", "embed"), std=std, dtype=pdt
         )
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x: jax.Array, token_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``x [B, T, D]`` -> ``(y [B, T, D], stats)``.
 
         ``stats``: ``lb_loss``, ``z_loss``, ``router_entropy`` (fp32 scalars) and ``router_load``
-        (fp32 ``[E]``), all unweighted, for this layer.
+        (fp32 ``[E]``), all unweighted, for this layer, over the tokens where ``token_mask [B, T]``
+        is true (all tokens without it). Every token is still routed and computed.
         """
         batch, seq_len, d_model = x.shape
         cdt = dtype_of(self.dtype)
@@ -204,11 +224,12 @@ class MoE(nnx.Module):
             self.w3[...].astype(cdt),
             self.w2[...].astype(cdt),
         )
+        mask = None if token_mask is None else token_mask.reshape(-1)
         stats = {
-            "lb_loss": load_balancing_loss(probs, experts),
-            "z_loss": router_z_loss(logits),
-            "router_load": router_load(experts, probs.shape[-1]),
-            "router_entropy": router_entropy(probs),
+            "lb_loss": load_balancing_loss(probs, experts, mask),
+            "z_loss": router_z_loss(logits, mask),
+            "router_load": router_load(experts, probs.shape[-1], mask),
+            "router_entropy": router_entropy(probs, mask),
         }
         return y.reshape(batch, seq_len, d_model), stats
 

@@ -151,6 +151,43 @@ def test_aux_losses_on_hand_made_routing():
     np.testing.assert_allclose(router_entropy(u_probs), math.log(4), rtol=1e-6)
 
 
+def test_router_statistics_leave_masked_tokens_out():
+    """With a token mask, every statistic equals the same statistic of the unmasked tokens alone."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(10, 6)) * 2, jnp.float32)
+    probs, _, experts = route(logits, 2)
+    mask = jnp.asarray([1, 0, 1, 1, 0, 0, 1, 1, 1, 0], bool)
+    keep = np.flatnonzero(np.asarray(mask))
+    sub_probs, sub_experts, sub_logits = probs[keep], experts[keep], logits[keep]
+    np.testing.assert_allclose(router_load(experts, 6, mask), router_load(sub_experts, 6), rtol=1e-6)
+    np.testing.assert_allclose(load_balancing_loss(probs, experts, mask), load_balancing_loss(sub_probs, sub_experts), rtol=1e-6)
+    np.testing.assert_allclose(router_z_loss(logits, mask), router_z_loss(sub_logits), rtol=1e-6)
+    np.testing.assert_allclose(router_entropy(probs, mask), router_entropy(sub_probs), rtol=1e-6)
+    # Gradients too: padding's router logits get none from the losses.
+    g = jax.grad(lambda lg: load_balancing_loss(jax.nn.softmax(lg), experts, mask) + router_z_loss(lg, mask))(logits)
+    np.testing.assert_array_equal(np.asarray(g)[~np.asarray(mask)], 0.0)
+    # All padding: zero, not NaN.
+    none = jnp.zeros((10,), bool)
+    assert float(load_balancing_loss(probs, experts, none)) == 0.0 and float(router_z_loss(logits, none)) == 0.0
+
+
+def test_model_aux_losses_ignore_padding_tokens():
+    """A packed batch's padding (segment id 0) changes no aux loss: the stats equal those of the same
+    rows cut to their real tokens."""
+    from spattn_jax.config import get_preset
+    from spattn_jax.model import Transformer
+
+    cfg = get_preset("tiny")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 48)), jnp.int32)
+    seg = jnp.concatenate([jnp.ones((1, 32), jnp.int32), jnp.zeros((1, 16), jnp.int32)], axis=1)
+    pos = jnp.arange(48)[None]
+    _, aux_padded = model(tokens, positions=pos, segment_ids=seg)
+    _, aux_cut = model(tokens[:, :32], positions=pos[:, :32], segment_ids=seg[:, :32])
+    for name in ("lb_loss", "z_loss", "router_load", "router_entropy"):
+        np.testing.assert_allclose(aux_padded[name], aux_cut[name], rtol=2e-5, atol=1e-6, err_msg=name)
+
+
 def test_lb_gradient_flows_through_probabilities_only():
     logits = jnp.asarray(np.log([[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.2, 0.3]]), jnp.float32)
     experts = jnp.array([[0, 1], [0, 3]])
