@@ -81,9 +81,9 @@ def _is_bound(name: str) -> bool:
 
 def eval_mesh(arg: str | None, run_mesh: tuple[int, ...]) -> tuple[int, ...]:
     """``--mesh`` as sizes; without it the run's mesh if it fits the devices here, else ``(1, -1, 1, 1)``."""
-    import math
-
     import jax
+
+    from spattn_jax import sharding
 
     if arg is not None:
         try:
@@ -93,9 +93,11 @@ def eval_mesh(arg: str | None, run_mesh: tuple[int, ...]) -> tuple[int, ...]:
         if len(sizes) != 4:
             raise ValueError(f"--mesh takes four comma-separated sizes data,fsdp,expert,tensor, got {arg!r}")
         return sizes
-    fixed = math.prod(s for s in run_mesh if s != -1)
-    fits = jax.device_count() % fixed == 0 if -1 in run_mesh else fixed == jax.device_count()
-    return tuple(run_mesh) if fits else (1, -1, 1, 1)
+    try:
+        sharding.MeshConfig(*run_mesh).shape(jax.device_count())
+    except ValueError:  # the run's mesh does not fit the devices here
+        return (1, -1, 1, 1)
+    return tuple(run_mesh)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -6,6 +6,15 @@ import jax
 import jax.numpy as jnp
 
 
+def dot_f32(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -> jax.Array:
+    """Two 2-D tiles contracted over one axis each, fp32 accumulation (tensor-core operands as given).
+
+    ``lax.dot_general`` rather than ``pl.dot``: the one form every Pallas lowering (and interpret
+    mode) takes on both JAX 0.10 and 0.11.
+    """
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     """Pad ``x`` at the end of ``axis`` up to ``size`` with ``value`` (no copy when already there)."""
     if x.shape[axis] == size:

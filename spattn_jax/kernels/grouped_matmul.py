@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from spattn_jax.kernels.common import pad_axis
+from spattn_jax.kernels.common import dot_f32, pad_axis
 
 IMPLEMENTATIONS = ("ragged_dot", "pallas_triton")
 
@@ -97,7 +97,7 @@ def _group_bounds(group_sizes):
 
 def _tile_group_ranges(group_sizes, num_rows: int, block_m: int):
     """``int [tiles, 2]``: first and last group whose rows meet each row tile (first > last: none)."""
-    start, end = _group_bounds(group_sizes)
+    _, end = _group_bounds(group_sizes)
     tiles = pl.cdiv(num_rows, block_m)
     lo = jnp.arange(tiles, dtype=jnp.int32) * block_m
     hi = jnp.minimum(lo + block_m, end[-1])  # rows past the last group belong to no group
@@ -105,7 +105,6 @@ def _tile_group_ranges(group_sizes, num_rows: int, block_m: int):
     first = jnp.searchsorted(end, lo, side="right").astype(jnp.int32)
     last = jnp.searchsorted(end, hi - 1, side="right").astype(jnp.int32)
     last = jnp.where(hi > lo, last, first - 1)
-    del start
     return jnp.stack([first, last], axis=1)
 
 
@@ -125,10 +124,6 @@ def _bounds_table(group_sizes):
 # -- kernels -----------------------------------------------------------------------------------------
 
 
-def _dot(a, b, contract_a: int, contract_b: int):
-    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _gmm_kernel(tiles_ref, bounds_ref, lhs_ref, rhs_ref, out_ref, *, block_k: int, transpose_rhs: bool):
     """Program (row tile i, column tile j): ``lhs [bm, K]``, ``rhs [G, K, bn]`` (or ``[G, bn, K]``)."""
     bm, k_total = lhs_ref.shape
@@ -140,8 +135,8 @@ def _gmm_kernel(tiles_ref, bounds_ref, lhs_ref, rhs_ref, out_ref, *, block_k: in
         def chunk(kk, part):
             ks = pl.ds(pl.multiple_of(kk * block_k, block_k), block_k)
             if transpose_rhs:
-                return part + _dot(lhs_ref[:, ks], rhs_ref[g, :, ks], 1, 1)
-            return part + _dot(lhs_ref[:, ks], rhs_ref[g, ks, :], 1, 0)
+                return part + dot_f32(lhs_ref[:, ks], rhs_ref[g, :, ks], 1, 1)
+            return part + dot_f32(lhs_ref[:, ks], rhs_ref[g, ks, :], 1, 0)
 
         part = lax.fori_loop(0, k_total // block_k, chunk, jnp.zeros(acc.shape, jnp.float32))
         mine = (rows >= bounds_ref[g, 0]) & (rows < bounds_ref[g, 1])
@@ -165,7 +160,7 @@ def _tgmm_kernel(ranges_ref, lhs_ref, dout_ref, out_ref, *, block_m: int):
         if masked:
             rows = m0 + jnp.arange(block_m, dtype=jnp.int32)
             a = jnp.where(((rows >= start) & (rows < end))[:, None], a, jnp.zeros_like(a))
-        return acc + _dot(a, dout_ref[pl.ds(m0, block_m), :], 0, 0)
+        return acc + dot_f32(a, dout_ref[pl.ds(m0, block_m), :], 0, 0)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
     acc = lax.fori_loop(first, jnp.minimum(first + 1, last + 1), functools.partial(tile, masked=True), acc)
@@ -221,9 +216,8 @@ def _tgmm_call(lhs, dout, group_sizes, out_dtype, config: Config, interpret: boo
     num_rows, k_dim = lhs.shape
     n_dim = dout.shape[1]
     num_groups = group_sizes.shape[0]
-    bm, bn, bk = _fit(config.block_m, num_rows), _fit(config.block_n, n_dim), _fit(config.block_k, k_dim)
     # The K tile is an output tile here, as wide as the N tile.
-    bk = _fit(config.block_n, k_dim)
+    bm, bn, bk = _fit(config.block_m, num_rows), _fit(config.block_n, n_dim), _fit(config.block_n, k_dim)
     lhs_p = _pad(_pad(lhs, 0, bm), 1, bk)
     dout_p = _pad(_pad(dout, 0, bm), 1, bn)
     mp, kp = lhs_p.shape

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from spattn_jax.kernels import schedule
-from spattn_jax.kernels.common import pad_axis, pad_inputs, sum_gqa_groups
+from spattn_jax.kernels.common import dot_f32, pad_axis, pad_inputs, sum_gqa_groups
 from spattn_jax.masks import MaskSpec
 
 LOG2E = math.log2(math.e)
@@ -176,12 +176,12 @@ def _run_tables(intervals, block_q: int, block_k: int, q_len: int, kv_len: int, 
 
 def _dot_nt(a, b):
     """``a @ b.T`` with fp32 accumulation: ``[m, d] x [n, d] -> [m, n]``."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return dot_f32(a, b, 1, 1)
 
 
 def _dot(a, b):
     """``a @ b`` with fp32 accumulation: ``[m, k] x [k, n] -> [m, n]``."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dot_f32(a, b, 1, 0)
 
 
 def _band_allowed(dist, bands):
