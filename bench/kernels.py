@@ -18,10 +18,11 @@ backward (pairs from ``MaskSpec.pair_counts``; dense causal pairs for cuDNN). ``
 (kernels.md §11). It checks our outputs and dq/dk/dv against FlexAttention's on the same inputs at
 every shape, and against the fp32 reference at ``--check-shape``.
 
-Timing (kernels.md §10): JAX is the median of ``--iters`` wall-clock calls, each ended by
-``block_until_ready``, after 2 warm-ups (``ms``); the mean of ``--iters`` calls issued back to back
-and synchronised once is recorded too (``ms_pipelined``: no host round trip per call). torch is
-``triton.testing.do_bench`` (warm-up 50 ms, rep 200 ms, median). Forward+backward is the VJP with a
+Timing (bench/timing.py, the same three numbers for every row): ``ms`` is the median of ``--iters``
+synchronised wall-clock calls after 2 warm-ups (torch: ``triton.testing.do_bench``, warm-up 50 ms,
+rep 200 ms, median); ``ms_pipelined`` the mean of ``--iters`` calls issued back to back and
+synchronised once; ``ms_gpu`` the GPU busy time per call from the profiler (``jax.profiler`` /
+``torch.profiler``), the like-for-like number across frameworks. Forward+backward is the VJP with a
 given ``dO`` in both frameworks (torch: ``o.backward(dO)``).
 
 Writes ``<out>/kernels_<gpu>_<date>.json`` and ``.md``; prints the markdown table last.
@@ -56,6 +57,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import time_jax, time_torch  # noqa: E402  (bench/timing.py: one method for every row)
 
 # `spattn_jax.attention` the module (the package re-exports a function of the same name).
 attn_mod = importlib.import_module("spattn_jax.attention")
@@ -122,27 +126,26 @@ def t_bound_ms(mask: str, batch: int, n: int) -> tuple[float, float]:
 # -- timing ----------------------------------------------------------------------------------------
 
 
-def time_jax(fn, *args, warmup: int = 2, iters: int = 20) -> dict:
-    """Median wall-clock ms of ``iters`` synchronised calls, and the back-to-back mean."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(iters)]
-    jax.block_until_ready(outs)
-    pipelined = (time.perf_counter() - t0) / iters
-    return dict(ms=1e3 * float(np.median(times)), ms_pipelined=1e3 * pipelined)
+def row_common(mask: str, batch: int, n: int) -> dict:
+    """The fields every result row of ``mask`` at ``batch x n`` carries: FLOPs and time bounds."""
+    f_fwd, f_bwd = useful_flops(mask, batch, n)
+    tb_fwd, tb_all = t_bound_ms(mask, batch, n)
+    return dict(mask=mask, shape=f"{batch}x{n}", flops_fwd=f_fwd, flops_bwd=f_bwd, t_bound_fwd_ms=tb_fwd,
+                t_bound_fwdbwd_ms=tb_all)
 
 
-def time_torch(fn, grad_to_none=None) -> dict:
-    import triton.testing
-
-    ms = triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grad_to_none, return_mode="median")
-    return dict(ms=float(ms))
+def timed_record(fwd: dict, fwdbwd: dict) -> dict:
+    """One result row's timing fields from two :mod:`timing` results (forward, forward+backward)."""
+    rec = {}
+    for part, r in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        rec[f"{part}_ms"] = r["ms"]
+        rec[f"{part}_ms_pipelined"] = r.get("ms_pipelined")
+        rec[f"{part}_ms_gpu"] = r.get("ms_gpu")
+        if r.get("kernels_us"):
+            rec[f"{part}_kernels_us"] = r["kernels_us"]
+        if r.get("gpu_error"):
+            rec[f"{part}_gpu_error"] = r["gpu_error"]
+    return rec
 
 
 # -- implementations -------------------------------------------------------------------------------
@@ -339,7 +342,8 @@ def tune(args, log) -> tuple[dict, list]:
                     )
                     names = ("fwd", "dq", "dkv") if part == "all" else (part,)
                     per_mask[mask] = sum(
-                        time_jax(parts[p][0], *parts[p][1], iters=args.iters)["ms_pipelined"] for p in names
+                        time_jax(parts[p][0], *parts[p][1], iters=args.iters, gpu=False)["ms_pipelined"]
+                        for p in names
                     )
             except Exception as e:  # noqa: BLE001
                 log(f"  tune {part} {cand}: {type(e).__name__}: {str(e)[:200]}")
@@ -491,8 +495,10 @@ def main(argv=None) -> int:
             report["checks"] += odd_checks(ours, args.masks, log)
         save()
 
-    # 2. The bench.
+    # 2. The bench. Every JAX row first, then every Flex row: once torch's profiler has held CUPTI,
+    # jax.profiler cannot take it again in this process (H100, torch 2.11 / JAX 0.11.2).
     results = report["results"]
+    ours_vals = {}  # (shape, mask) -> {impl: outputs and grads}, compared with Flex's below
     for batch, n in shapes:
         shape = f"{batch}x{n}"
         log(f"## {shape}")
@@ -504,19 +510,14 @@ def main(argv=None) -> int:
 
             def go_cudnn(fwd=fwd, vjp=vjp):
                 a, b = time_jax(fwd, q, k, v, iters=args.iters), time_jax(vjp, q, k, v, do, iters=args.iters)
-                return dict(fwd_ms=a["ms"], fwdbwd_ms=b["ms"], fwd_ms_pipelined=a["ms_pipelined"],
-                            fwdbwd_ms_pipelined=b["ms_pipelined"])
+                return timed_record(a, b)
 
             r = run_entry(results, dict(impl="cudnn", mask="causal (dense)", shape=shape, flops_fwd=f_fwd,
                                         flops_bwd=f_bwd), go_cudnn, log)
             log(fmt_result(r))
             save()
         for mask in args.masks:
-            f_fwd, f_bwd = useful_flops(mask, batch, n)
-            tb_fwd, tb_all = t_bound_ms(mask, batch, n)
-            common = dict(mask=mask, shape=shape, flops_fwd=f_fwd, flops_bwd=f_bwd, t_bound_fwd_ms=tb_fwd,
-                          t_bound_fwdbwd_ms=tb_all)
-            ours_vals = {}
+            vals = ours_vals.setdefault((shape, mask), {})
             for name in ours + (["reference"] if "reference" in impls and n <= args.reference_max_n else []):
                 fwd, vjp = jax_fns(name, mask, options_for.get(name, {}))
 
@@ -524,19 +525,25 @@ def main(argv=None) -> int:
                     a = time_jax(fwd, q, k, v, iters=args.iters)
                     b = time_jax(vjp, q, k, v, do, iters=args.iters)
                     if name != "reference" and flex is not None and n <= args.flex_max_n:
-                        ours_vals[name] = outputs_and_grads_jax(vjp, fwd, q, k, v, do)
-                    return dict(fwd_ms=a["ms"], fwdbwd_ms=b["ms"], fwd_ms_pipelined=a["ms_pipelined"],
-                                fwdbwd_ms_pipelined=b["ms_pipelined"])
+                        vals[name] = outputs_and_grads_jax(vjp, fwd, q, k, v, do)
+                    return timed_record(a, b)
 
-                log(fmt_result(run_entry(results, dict(common, impl=name), go, log)))
+                log(fmt_result(run_entry(results, dict(row_common(mask, batch, n), impl=name), go, log)))
                 save()
-            if flex is not None:
+        del inputs, q, k, v, do
+    if flex is not None:
+        for batch, n in shapes:
+            shape = f"{batch}x{n}"
+            log(f"## {shape} flex")
+            inputs = Inputs.make(batch, n, seed=0)
+            for mask in args.masks:
                 if n > args.flex_max_n:
-                    results.append(dict(common, impl="flex", error=f"skipped: N > --flex-max-n={args.flex_max_n}"))
+                    results.append(dict(row_common(mask, batch, n), impl="flex",
+                                        error=f"skipped: N > --flex-max-n={args.flex_max_n}"))
                     log(f"  flex skipped at N={n} (out of memory in kernels.md §10; --flex-max-n to try)")
                     continue
 
-                def go_flex(mask=mask):
+                def go_flex(mask=mask, n=n, shape=shape):
                     torch = flex.torch
                     bm = flex.block_mask(mask, n)
                     qt, kt, vt = (flex.to_torch(x, True) for x in inputs.np_[:3])
@@ -549,19 +556,20 @@ def main(argv=None) -> int:
                         f().backward(dot)
 
                     with torch.no_grad():
-                        a = time_torch(f)
-                    b = time_torch(fb, grad_to_none=[qt, kt, vt])
-                    vals = outputs_and_grads_flex(flex, bm, *inputs.np_)
-                    for name, mine in ours_vals.items():
-                        c = dict(compare(name, mine, "flex", vals), mask=mask, shape=shape)
+                        a = time_torch(f, iters=args.iters)
+                    b = time_torch(fb, grad_to_none=[qt, kt, vt], iters=args.iters)
+                    theirs = outputs_and_grads_flex(flex, bm, *inputs.np_)
+                    for name, mine in ours_vals.get((shape, mask), {}).items():
+                        c = dict(compare(name, mine, "flex", theirs), mask=mask, shape=shape)
                         report["checks"].append(c)
                         log(f"  {mask:22s} {name:16s} vs flex:      {fmt_errs(c)}")
                     del bm, qt, kt, vt, dot
                     torch.cuda.empty_cache()
-                    return dict(fwd_ms=a["ms"], fwdbwd_ms=b["ms"], block_sparsity=None)
+                    return timed_record(a, b)
 
-                log(fmt_result(run_entry(results, dict(common, impl="flex"), go_flex, log)))
+                log(fmt_result(run_entry(results, dict(row_common(mask, batch, n), impl="flex"), go_flex, log)))
                 save()
+            del inputs
     report["table"] = markdown(report)
     save()
     base.with_suffix(".md").write_text(report["table"])
@@ -581,8 +589,13 @@ def fmt_errs(c: dict) -> str:
 def fmt_result(r: dict) -> str:
     if r.get("error"):
         return f"  {r['impl']:16s} {r['mask']:22s} {r['shape']:8s} error: {r['error']}"
-    return (f"  {r['impl']:16s} {r['mask']:22s} {r['shape']:8s} fwd {r['fwd_ms']:.3f} ms "
-            f"fwd+bwd {r['fwdbwd_ms']:.3f} ms")
+    def ms(key):
+        v = r.get(key)
+        return "-" if v is None else f"{v:.3f}"
+
+    return (f"  {r['impl']:16s} {r['mask']:22s} {r['shape']:8s} ms sync/pipe/GPU: fwd {ms('fwd_ms')}/"
+            f"{ms('fwd_ms_pipelined')}/{ms('fwd_ms_gpu')} fwd+bwd {ms('fwdbwd_ms')}/{ms('fwdbwd_ms_pipelined')}/"
+            f"{ms('fwdbwd_ms_gpu')}")
 
 
 def markdown(report: dict) -> str:
@@ -591,35 +604,45 @@ def markdown(report: dict) -> str:
         f"Band attention, H={NUM_HEADS}, D={HEAD_DIM}, bf16. {env.get('gpu', env['device'])}; jax {env['jax']}, "
         f"torch {env.get('torch')}, triton {env.get('triton')}, driver/smi: {env.get('nvidia_smi')}; {env['date']}.",
         "",
-        "ms = median (JAX: wall clock per synchronised call; torch: do_bench). TF/s = useful FLOPs under the "
-        "mask (cuDNN: dense causal FLOPs). T_bound = max(F/600 TF/s, bytes/3.0 TB/s) per pass. "
-        "vs Flex = Flex fwd+bwd time / this fwd+bwd time (> 1: faster than Flex). Pipelined = mean of calls "
-        "issued back to back and synchronised once (no per-call host round trip; closest to do_bench's GPU "
-        "time).",
+        "Three timings per row (bench/timing.py): **sync** = median wall clock of synchronised calls (JAX) or "
+        "do_bench (torch); **pipe** = mean of calls issued back to back, synchronised once; **GPU** = GPU busy "
+        "time per call from the profiler (jax.profiler / torch.profiler: union of kernel intervals), the "
+        "like-for-like column across frameworks. TF/s = useful FLOPs under the mask (cuDNN: dense causal "
+        "FLOPs) over the GPU time (sync where no profile). T_bound = max(F/600 TF/s, bytes/3.0 TB/s) per "
+        "pass. vs Flex = Flex fwd+bwd / this fwd+bwd, same column (> 1: faster than Flex).",
         "",
-        "| B x N | mask | impl | fwd ms | fwd+bwd ms | fwd TF/s | fwd+bwd TF/s | fwd+bwd / T_bound | vs Flex | "
-        "fwd+bwd ms (pipelined) | vs Flex (pipelined) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| B x N | mask | impl | fwd ms sync / pipe / GPU | fwd+bwd ms sync / pipe / GPU | fwd TF/s | "
+        "fwd+bwd TF/s | fwd+bwd GPU / T_bound | vs Flex sync / pipe / GPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = report["results"]
-    flex_time = {
-        (r["shape"], r["mask"]): r.get("fwdbwd_ms") for r in rows if r["impl"] == "flex" and not r.get("error")
-    }
+    flex = {(r["shape"], r["mask"]): r for r in rows if r["impl"] == "flex" and not r.get("error")}
+
+    def triple(r, part):
+        vals = [r.get(f"{part}_ms"), r.get(f"{part}_ms_pipelined"), r.get(f"{part}_ms_gpu")]
+        return " / ".join("-" if v is None else f"{v:.3f}" for v in vals)
+
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r['error'][:80]} | | | | | |")
             continue
-        tf_fwd = r["flops_fwd"] / (r["fwd_ms"] * 1e-3) / 1e12
-        tf_all = (r["flops_fwd"] + r["flops_bwd"]) / (r["fwdbwd_ms"] * 1e-3) / 1e12
+        t_fwd = r.get("fwd_ms_gpu") or r["fwd_ms"]
+        t_all = r.get("fwdbwd_ms_gpu") or r["fwdbwd_ms"]
+        tf_fwd = r["flops_fwd"] / (t_fwd * 1e-3) / 1e12
+        tf_all = (r["flops_fwd"] + r["flops_bwd"]) / (t_all * 1e-3) / 1e12
         bound = r.get("t_bound_fwdbwd_ms")
-        over = f"{r['fwdbwd_ms'] / bound:.2f}x" if bound else ""
-        ft = flex_time.get((r["shape"], r["mask"]))
-        vs = f"{ft / r['fwdbwd_ms']:.2f}x" if ft and r["impl"] != "flex" else ""
-        pipe = r.get("fwdbwd_ms_pipelined")
-        vs_pipe = f"{ft / pipe:.2f}x" if ft and pipe else ""
+        over = f"{t_all / bound:.2f}x" if bound else ""
+        fx = flex.get((r["shape"], r["mask"]))
+        vs = ""
+        if fx and r["impl"] != "flex":
+            ratios = []
+            for key in ("fwdbwd_ms", "fwdbwd_ms_pipelined", "fwdbwd_ms_gpu"):
+                a, b = fx.get(key), r.get(key)
+                ratios.append(f"{a / b:.2f}x" if a and b else "-")
+            vs = " / ".join(ratios)
         lines.append(
-            f"| {r['shape']} | {r['mask']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {tf_fwd:.0f} | "
-            f"{tf_all:.0f} | {over} | {vs} | {'' if pipe is None else f'{pipe:.3f}'} | {vs_pipe} |"
+            f"| {r['shape']} | {r['mask']} | {r['impl']} | {triple(r, 'fwd')} | {triple(r, 'fwdbwd')} | "
+            f"{tf_fwd:.0f} | {tf_all:.0f} | {over} | {vs} |"
         )
     checks = report.get("checks", [])
     if checks:

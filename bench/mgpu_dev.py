@@ -54,7 +54,7 @@ from jax._src.state import indexing as state_indexing  # noqa: E402
 from spattn_jax import masks  # noqa: E402
 from spattn_jax.kernels import pallas_mosaic_gpu as mg  # noqa: E402
 from spattn_jax.kernels import reference  # noqa: E402
-from kernels import time_jax  # noqa: E402  (bench/kernels.py: the one timing method)
+from timing import time_jax  # noqa: E402  (bench/timing.py: the one timing method)
 
 H, D = 16, 128
 TOL = dict(out=1.5e-2, dq=4e-2, dk=4e-2, dv=2e-2)  # the shared kernel test's bf16 row
@@ -222,9 +222,15 @@ def stage_time(args) -> list:
             if "error" in rec:
                 log(f"time {impl} {variant} {batch}x{n} {cfg}: ERROR {rec['error']}")
             else:
+                g = lambda r: "-" if r.get("ms_gpu") is None else f"{r['ms_gpu']:.3f}"  # noqa: E731
                 log(f"time {impl:5s} {variant:22s} {batch}x{n} {json.dumps(cfg):50s} fwd {rec['fwd']['ms']:.3f} "
-                    f"(pipe {rec['fwd']['ms_pipelined']:.3f}) fwd+bwd {rec['fwd_bwd']['ms']:.3f} (pipe {rec['fwd_bwd']['ms_pipelined']:.3f}) ms "
+                    f"(pipe {rec['fwd']['ms_pipelined']:.3f}, GPU {g(rec['fwd'])}) fwd+bwd {rec['fwd_bwd']['ms']:.3f} "
+                    f"(pipe {rec['fwd_bwd']['ms_pipelined']:.3f}, GPU {g(rec['fwd_bwd'])}) ms "
                     f"| {rec['fwd_tflops']:.0f} / {rec['fwd_bwd_tflops']:.0f} TF/s | compile {rec['compile_s']}s")
+                for part in ("fwd", "fwd_bwd"):
+                    if rec[part].get("kernels_us"):
+                        log(f"     {part} kernels µs/call: " + ", ".join(
+                            f"{k[:40]}={v}" for k, v in list(rec[part]["kernels_us"].items())[:6]))
     return rows
 
 
@@ -232,7 +238,8 @@ def stage_time(args) -> list:
 
 
 def split_fns(batch: int, n: int, variant: str, options: dict, heads: int = H, dim: int = D):
-    """Jitted ``fwd(q,k,v) -> (out, lse)``, ``prep(out, lse, do) -> (lse2, delta)``, ``dq(...)``, ``dkv(...)``.
+    """Jitted ``fwd(q,k,v) -> (out, lse)``, ``prep(lse) -> lse2``, ``dq(q,k,v,do,lse2,out) -> (dq, delta)``,
+    ``dkv(q,k,v,do,lse2,delta) -> (dk, dv)``.
 
     The kernels of :func:`mg.attention`'s custom VJP, on shapes that need no padding (``n`` a multiple
     of the tiles, ``dim`` 64 or 128), with no GQA (``K = H``).
@@ -245,8 +252,8 @@ def split_fns(batch: int, n: int, variant: str, options: dict, heads: int = H, d
         raise ValueError(f"split_fns needs an unpadded shape, got n={n} (pads to {plan.q_pad}), dim={dim}")
     return dict(
         fwd=jax.jit(lambda q, k, v: fwd_mod.forward(plan, q, k, v, None, None)),
-        prep=jax.jit(lambda out, lse, do: (mg.backward_lse(plan, lse), mg.backward_delta(plan, out, do))),
-        dq=jax.jit(lambda q, k, v, do, l2, dl: bwd_mod.backward_dq(plan, q, k, v, do, l2, dl, None, None)),
+        prep=jax.jit(lambda lse: mg.backward_lse(plan, lse)),
+        dq=jax.jit(lambda q, k, v, do, l2, out: bwd_mod.backward_dq(plan, q, k, v, do, l2, out, None, None)),
         dkv=jax.jit(lambda q, k, v, do, l2, dl: bwd_mod.backward_dkv(plan, q, k, v, do, l2, dl, None, None)),
     )
 
@@ -350,9 +357,10 @@ def stage_stress(args) -> list:
     c = {}
     if "split" in modes:
         out_, lse = jax.eval_shape(f["fwd"], x, x, x)
-        l2, dl = jax.eval_shape(f["prep"], out_, lse, x)
-        c.update(fwd=f["fwd"].lower(x, x, x).compile(), prep=f["prep"].lower(out_, lse, x).compile(),
-                 dq=f["dq"].lower(x, x, x, x, l2, dl).compile(), dkv=f["dkv"].lower(x, x, x, x, l2, dl).compile())
+        l2 = jax.eval_shape(f["prep"], lse)
+        dl = jax.eval_shape(f["dq"], x, x, x, x, l2, out_)[1]
+        c.update(fwd=f["fwd"].lower(x, x, x).compile(), prep=f["prep"].lower(lse).compile(),
+                 dq=f["dq"].lower(x, x, x, x, l2, out_).compile(), dkv=f["dkv"].lower(x, x, x, x, l2, dl).compile())
     if "joint" in modes:
         c["joint"] = jax.jit(joint_fn).lower(x, x, x, x).compile()
     if not args.no_ref:
@@ -368,10 +376,10 @@ def stage_stress(args) -> list:
             dog.progress(f"iter {it} split fwd", args.stall_s)
             out_, lse = jax.block_until_ready(c["fwd"](q, k, v))
             times["fwd"] = time.perf_counter() - t0
-            lse2, delta = jax.block_until_ready(c["prep"](out_, lse, do))
+            lse2 = jax.block_until_ready(c["prep"](lse))
             dog.progress(f"iter {it} split dq", args.stall_s)
             t1 = time.perf_counter()
-            dq = jax.block_until_ready(c["dq"](q, k, v, do, lse2, delta))
+            dq, delta = jax.block_until_ready(c["dq"](q, k, v, do, lse2, out_))
             times["dq"] = time.perf_counter() - t1
             dog.progress(f"iter {it} split dkv", args.stall_s)
             t1 = time.perf_counter()
@@ -411,9 +419,10 @@ def stage_profile(args) -> list:
         f = split_fns(batch, n, variant, options)
         q, k, v, do = make_inputs(batch, n)
         out_, lse = jax.eval_shape(f["fwd"], q, k, v)
-        compiled = dict(fwd=f["fwd"].lower(q, k, v).compile(), prep=f["prep"].lower(out_, lse, do).compile())
-        l2, dl = jax.eval_shape(f["prep"], out_, lse, do)
-        compiled["dq"] = f["dq"].lower(q, k, v, do, l2, dl).compile()
+        compiled = dict(fwd=f["fwd"].lower(q, k, v).compile(), prep=f["prep"].lower(lse).compile())
+        l2 = jax.eval_shape(f["prep"], lse)
+        dl = jax.eval_shape(f["dq"], q, k, v, do, l2, out_)[1]
+        compiled["dq"] = f["dq"].lower(q, k, v, do, l2, out_).compile()
         compiled["dkv"] = f["dkv"].lower(q, k, v, do, l2, dl).compile()
         staged.append((variant, compiled, (q, k, v, do)))
         log(f"compiled {variant} {batch}x{n}")
@@ -422,9 +431,9 @@ def stage_profile(args) -> list:
             t0 = time.perf_counter()
             out_, lse = jax.block_until_ready(c["fwd"](q, k, v))
             t1 = time.perf_counter()
-            l2, dl = jax.block_until_ready(c["prep"](out_, lse, do))
+            l2 = jax.block_until_ready(c["prep"](lse))
             t2 = time.perf_counter()
-            jax.block_until_ready(c["dq"](q, k, v, do, l2, dl))
+            _, dl = jax.block_until_ready(c["dq"](q, k, v, do, l2, out_))
             t3 = time.perf_counter()
             jax.block_until_ready(c["dkv"](q, k, v, do, l2, dl))
             t4 = time.perf_counter()
@@ -723,7 +732,11 @@ def _rule_scan(eqn, invals, ctx):
 def _rule_run_state(eqn, invals, ctx):
     inner = eqn.params["jaxpr"]
     if _has_barrier_ops(inner):
-        yield from _eval(inner, [], [SimBuffer() for _ in inner.invars], ctx)
+        # Closed-over refs (e.g. the ping-pong barrier) come first among the operands; the rest are
+        # the accumulators, which the protocol does not look into.
+        args = [x if isinstance(x, SimBarrier) else SimBuffer() for x in invals]
+        args += [SimBuffer()] * (len(inner.invars) - len(args))
+        yield from _eval(inner, [], args[: len(inner.invars)], ctx)
     return [UNK] * len(eqn.outvars)
 
 
@@ -891,8 +904,8 @@ def kernel_jaxprs(case, options: dict) -> dict:
 
     return dict(
         fwd=jax.make_jaxpr(lambda q, k, v, *s: fwd_mod.forward(plan, q, k, v, *seg(s)))(q, k, k, *segs),
-        dq=jax.make_jaxpr(lambda q, k, v, do, l2, dl, *s: bwd_mod.backward_dq(plan, q, k, v, do, l2, dl, *seg(s)))(
-            q, k, k, q, lse, lse, *segs),
+        dq=jax.make_jaxpr(lambda q, k, v, do, l2, o, *s: bwd_mod.backward_dq(plan, q, k, v, do, l2, o, *seg(s)))(
+            q, k, k, q, lse, q, *segs),
         dkv=jax.make_jaxpr(lambda q, k, v, do, l2, dl, *s: bwd_mod.backward_dkv(plan, q, k, v, do, l2, dl, *seg(s)))(
             q, k, k, q, lse, lse, *segs),
     )

@@ -23,10 +23,11 @@ IMPLEMENTATIONS: dict[str, str] = {
     "splash": "spattn_jax.kernels.splash:attention",
 }
 
-# What "auto" tries, in order, per platform. The Mosaic GPU kernel is opt-in until an intermittent
-# barrier deadlock in its backward is fixed (bench/NOTES_mgpu.md).
+# What "auto" tries, in order, per platform; the first that imports and accepts the inputs wins.
+# On Hopper the Mosaic GPU kernel is first (bf16/fp16, head_dim <= 128); fp32 or wider heads fall
+# through to the Triton kernel.
 _AUTO_ORDER = {
-    "gpu_sm90": ("pallas_triton", "reference"),
+    "gpu_sm90": ("pallas_mosaic_gpu", "pallas_triton", "reference"),
     "gpu": ("pallas_triton", "reference"),
     "tpu": ("splash", "reference"),
     "cpu": ("reference",),
@@ -38,8 +39,16 @@ def _load(name: str) -> Callable | None:
     module, fn = IMPLEMENTATIONS[name].split(":")
     try:
         return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError):
+    except ImportError:
         return None
+
+
+def _accepts(name: str, q, options: dict) -> bool:
+    """Whether ``name`` takes ``q`` (and ``options``): the kernel module's ``accepts``, if it has one."""
+    if q is None:
+        return True
+    accepts = getattr(importlib.import_module(IMPLEMENTATIONS[name].split(":")[0]), "accepts", None)
+    return accepts is None or accepts(q, **options)
 
 
 def available(name: str) -> bool:
@@ -55,11 +64,11 @@ def _platform_key() -> str:
     return device.platform if device.platform in _AUTO_ORDER else "cpu"
 
 
-def resolve(implementation: str) -> str:
-    """The implementation name ``implementation`` stands for on this machine."""
+def resolve(implementation: str, q: jax.Array | None = None, **kernel_options) -> str:
+    """The implementation name ``implementation`` stands for on this machine (and for ``q``, if given)."""
     if implementation == "auto":
         for name in _AUTO_ORDER[_platform_key()]:
-            if _load(name) is not None:
+            if _load(name) is not None and _accepts(name, q, kernel_options):
                 return name
         return "reference"
     if implementation not in IMPLEMENTATIONS:
@@ -147,5 +156,5 @@ def attention(
     """
     check_shapes(q, k, v, mask)
     q_ids, kv_ids = split_segment_ids(segment_ids, q.shape[1], k.shape[1], q.shape[0])
-    fn = _load(resolve(implementation))
+    fn = _load(resolve(implementation, q, **kernel_options))
     return fn(q, k, v, mask=mask, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale, **kernel_options)

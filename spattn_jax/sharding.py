@@ -312,7 +312,7 @@ def attention(
     mesh = current_mesh()
     if mesh is None:
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, implementation=implementation, **kernel_options)
-    impl = resolve_attention(implementation)
+    impl = resolve_attention(implementation, q, **kernel_options)
     if manual is None:
         manual = impl != "reference"
     if impl == "splash":

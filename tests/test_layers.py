@@ -50,7 +50,7 @@ def test_rope_matches_hf_rotate_half():
     np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(pos)), rope_hf_numpy(x, pos), atol=1e-5)
 
 
-@settings(max_examples=5)
+@settings(max_examples=min(5, settings.default.max_examples))
 @given(m=st.integers(0, 500), n=st.integers(0, 500), shift=st.integers(0, 500))
 def test_rope_scores_depend_on_relative_position_only(m, n, shift):
     rng = np.random.default_rng(2)

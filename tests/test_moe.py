@@ -80,7 +80,7 @@ def check_against_loop(tokens, experts, top_k, seed, gmm_impl="ragged_dot"):
 
 
 # One shape, several routings; two edge shapes (every expert used by every token; a single expert).
-@settings(max_examples=4)
+@settings(max_examples=min(4, settings.default.max_examples))
 @given(seed=st.integers(0, 2**16))
 def test_sorted_ragged_dot_equals_per_token_loop_values_and_grads(seed):
     check_against_loop(tokens=8, experts=5, top_k=2, seed=seed)

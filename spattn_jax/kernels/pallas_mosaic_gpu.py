@@ -50,7 +50,9 @@ from spattn_jax.masks import MaskSpec
 
 _DIM_MULTIPLE = 64  # wgmma/TMA with 128-byte swizzle: head dims and tiles in multiples of 64
 _MAX_HEAD_DIM = 128  # D = 256 does not fit the staging buffers in 227 KiB of shared memory
-_SMEM_LIMIT = 227 * 1024
+# 227 KiB per block, less what Mosaic adds to our buffer sum (barriers, 1 KiB alignment of the 1-D
+# buffers): 3.2 KiB for the dQ kernel at block_kv_dq 64 and 3 stages (233,600 B against our 230,400).
+_SMEM_LIMIT = 227 * 1024 - 4 * 1024
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -103,7 +105,7 @@ class Config:
         wgs = 2
         return dict(
             forward=(2 * wgs * self.block_q + 2 * self.num_stages * self.block_kv) * row + 4 * wgs * self.block_q,
-            dq=(3 * wgs * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * row + 8 * wgs * self.block_q_dq,
+            dq=(4 * wgs * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * row + 8 * wgs * self.block_q_dq,
             dkv=(4 * wgs * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * row
             + 8 * self.num_stages_bwd * self.block_q_dkv,
         )
@@ -267,21 +269,13 @@ def backward_lse(plan: Plan, lse: jax.Array) -> jax.Array:
     return jnp.where((lse == -jnp.inf) | (row >= plan.q_len), jnp.inf, lse)
 
 
-def backward_delta(plan: Plan, out: jax.Array, do: jax.Array) -> jax.Array:
-    """``delta = rowsum(O * dO)`` in fp32, ``[B, H, q_pad]``; 0 on padded rows (their O is garbage)."""
-    real = (slice(None), slice(0, plan.q_len))
-    delta = jnp.einsum("bqhd,bqhd->bhq", out[real].astype(jnp.float32), do[real].astype(jnp.float32))
-    return jnp.pad(delta, ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)))
-
-
 def _band_attention_bwd(plan: Plan, res, do):
     _, bwd = _kernels()
     q, k, v, q_seg, kv_seg, out, lse = res
     lse = backward_lse(plan, lse)
-    delta = backward_delta(plan, out, do)
     # Padded dO rows and head-dim columns are already 0 (the cotangent of the slice in `attention`),
-    # so their dP, dS and dV contributions vanish without another pass over dO.
-    dq = bwd.backward_dq(plan, q, k, v, do, lse, delta, q_seg, kv_seg)
+    # so their delta, dP, dS and dV contributions vanish without another pass over dO.
+    dq, delta = bwd.backward_dq(plan, q, k, v, do, lse, out, q_seg, kv_seg)
     dk, dv = bwd.backward_dkv(plan, q, k, v, do, lse, delta, q_seg, kv_seg)
     if plan.groups > 1:
         dk, dv = sum_gqa_groups(dk, plan.num_kv, k.dtype), sum_gqa_groups(dv, plan.num_kv, v.dtype)
@@ -329,6 +323,22 @@ def make_plan(q_shape, k_shape, mask: MaskSpec, *, scale, segments: bool, config
         scale=float(head_dim**-0.5 if scale is None else scale),
         segments=segments,
         config=config,
+    )
+
+
+def accepts(q, *, interpret: bool | None = None, **options) -> bool:
+    """Whether ``implementation="auto"`` may pick this kernel for ``q`` and these kernel options.
+
+    bf16/fp16, head_dim <= 128, an sm90+ GPU, no interpret mode, and only options this kernel knows
+    (another kernel's tile settings, e.g. the Triton kernel's ``block_k_dq``, leave it to that kernel).
+    """
+    known = {f.name for f in dataclasses.fields(Config)} | {"block_k"}
+    return (
+        not interpret
+        and set(options) <= known
+        and q.dtype in _SUPPORTED_DTYPES
+        and q.shape[-1] <= _MAX_HEAD_DIM
+        and is_supported()
     )
 
 

@@ -4,9 +4,12 @@ Two kernels, no atomics (kernels.md §8, the tokamax/jax two-kernel design); S a
 in both. Each has one producer warpgroup streaming tiles with TMA through a ``num_stages_bwd`` ring
 and two consumer warpgroups running wgmma on their half of the CTA's tile:
 
-* dQ: a CTA owns ``2 * block_q_dq`` query rows of one (b, h) and loops over the K/V tiles of the
-  forward's runs (cut at the CTA's rows): ``P = exp2(S c - lse2)``, ``dP = dO V^T``,
-  ``dS = P (dP - delta)``, ``dQ += dS K``; finally ``dQ *= scale``.
+* dQ: a CTA owns ``2 * block_q_dq`` query rows of one (b, h). It first forms
+  ``delta = rowsum(O * dO)`` (fp32) from the O and dO rows it loads anyway, and writes it out for the
+  dK/dV kernel (a separate XLA pass over O and dO cost ~50 us at 2x8192, 10% of the EBALL
+  backward); then it loops over the K/V tiles of the forward's runs (cut at the CTA's rows):
+  ``P = exp2(S c - lse2)``, ``dP = dO V^T``, ``dS = P (dP - delta)``, ``dQ += dS K``; finally
+  ``dQ *= scale``.
 * dK/dV: a CTA owns ``2 * block_kv_dkv`` keys of one (b, h) and loops over the query tiles of the
   transposed runs (exactly the query tiles whose band reaches these keys):
   ``P^T = exp2(K Q^T c - lse2)``, ``dV += P^T dO``, ``dP^T = V dO^T``,
@@ -14,7 +17,7 @@ and two consumer warpgroups running wgmma on their half of the CTA's tile:
   the caller sums GQA groups.
 
 ``lse2`` arrives with ``+inf`` on empty and padded rows, so their probabilities are exactly 0 on
-every visited tile; ``delta = rowsum(O dO)`` (fp32) is computed outside. Both kernels use the same
+every visited tile. Both kernels use the same
 static work lists (heaviest units first) and run tables as the forward.
 """
 
@@ -37,6 +40,7 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     WGMMA,
     _register_split,
     band_allowed,
+    stage_outputs,
     stream_kv_tiles,
     bcast_cols,
     bcast_rows,
@@ -60,15 +64,15 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
 def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
     c = plan.config
     bq, bk, stages, dim = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd, plan.head_dim
-    (items_ref, runs_ref, bands_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:9]
-    qseg_ref, kseg_ref = (refs[9], refs[10]) if plan.segments else (None, None)
-    n_in = 11 if plan.segments else 9
-    dq_ref = refs[n_in]
-    (q_smem2, do_smem2, dq_smem2, lse_smem2, delta_smem2, rows_ready, rows_free,
-     k_smem, v_smem, k_ready, v_ready, k_free, v_free) = refs[n_in + 1 :]
-    num_items = items_ref.shape[0]
+    (records_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref) = refs[:7]
+    qseg_ref, kseg_ref = (refs[7], refs[8]) if plan.segments else (None, None)
+    n_in = 9 if plan.segments else 7
+    dq_ref, delta_ref = refs[n_in : n_in + 2]
+    (q_smem2, do_smem2, o_smem2, dq_smem2, lse_smem2, delta_smem2, rows_ready, rows_free,
+     k_smem, v_smem, k_ready, v_ready, k_free, v_free) = refs[n_in + 2 :]
+    num_items = records_ref.shape[0]
     flags = plan.masked_runs()
-    unit = functools.partial(read_unit, items_ref, runs_ref, bands_ref, slots=plan.slots, num_runs=len(flags))
+    unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
     wg = lax.axis_index("wg")
     dtype = q_ref.dtype
     coef = plan.scale * LOG2E
@@ -79,9 +83,10 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
         plgpu.set_max_registers(_register_split()[1], action="increase")
-        q_smem, do_smem, dq_smem = q_smem2.at[wg], do_smem2.at[wg], dq_smem2.at[wg]
+        q_smem, do_smem, o_smem, dq_smem = q_smem2.at[wg], do_smem2.at[wg], o_smem2.at[wg], dq_smem2.at[wg]
 
-        def one_item(item, step):
+        def one_item(item, carry):
+            step, zeroed = carry
             b, h, q_tile, runs, bands = unit(item)
             rows = row_slice(q_tile, wg)
             row0 = rows.start
@@ -90,7 +95,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             def allowed(t):
                 r = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=WGMMA)
                 k = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=WGMMA)
-                ok = band_allowed(r - k + (row0 + plan.q_offset - t * bk), bands)
+                ok = band_allowed(r - k, row0 + plan.q_offset - t * bk, bands)
                 if plan.segments:
                     k_seg = load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False)
                     ok = ok & (bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk)))
@@ -126,17 +131,27 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             busy = count_tiles(runs) > 0
             wait_unless(jnp.logical_not(busy), rows_ready.at[wg])
             lse = load_vec(lse_smem2.at[wg], ROW)
-            delta = load_vec(delta_smem2.at[wg], ROW)
+            # An empty unit loaded no rows (its buffers hold another unit's): the select writes 0.
+            prod = o_smem[...].astype(jnp.float32) * do_smem[...].astype(jnp.float32)
+            if plan.q_pad > plan.q_len:
+                # Padded rows: dO is 0 but O may be unwritten memory (NaN * 0 = NaN), so select.
+                r = plgpu.broadcasted_iota(jnp.int32, (bq, dim), 0, layout=WGMMA)
+                prod = jnp.where(r + row0 < plan.q_len, prod, 0.0)
+            delta = jnp.where(busy, prod.sum(axis=1), 0.0)
             dq_acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
-            dq_acc, _, _, step = loop_runs(runs, flags, body, (dq_acc, lse, delta, step))
+            dq_acc, _, delta, step = loop_runs(runs, flags, body, (dq_acc, lse, delta, step))
             arrive_if(busy, rows_free.at[wg])  # only busy units: see the forward's q_free
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dQ left dq_smem
-            dq_smem[...] = (dq_acc * plan.scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h])
-            return step
+            def write():
+                dq_smem[...] = (dq_acc * plan.scale).astype(dtype)
+                delta_smem2.at[wg][...] = delta
 
-        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+            zeroed = stage_outputs(busy, zeroed, write)
+            plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h], commit_group=False)
+            plgpu.copy_smem_to_gmem(delta_smem2.at[wg], delta_ref.at[b, h, rows], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            return step, zeroed
+
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -158,29 +173,34 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
                     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], rows_ready.at[w])
                     plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem2.at[w], rows_ready.at[w])
                     plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem2.at[w], rows_ready.at[w])
-                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem2.at[w], rows_ready.at[w])
+                    plgpu.copy_gmem_to_smem(o_ref.at[b, rows, h], o_smem2.at[w], rows_ready.at[w])
 
             kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
             step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages)
             return step, loaded + busy.astype(jnp.int32)
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
 
 
-def backward_dq(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
-    """``dQ [B, q_pad, H, Dp]`` in ``q.dtype`` (padded rows unwritten)."""
+def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
+    """``(dQ [B, q_pad, H, Dp]`` in ``q.dtype``, ``delta [B, H, q_pad]`` fp32) from the forward's ``out``.
+
+    ``delta = rowsum(O * dO)``, 0 on padded rows (their dO is 0) and on rows of units with no tile;
+    the dK/dV kernel reads it.
+    """
     c = plan.config
     bq, bk, stages, dim = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd, plan.head_dim
-    items, runs, bands = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
-    num_ctas = persistent_grid(plan, int(items.shape[0]))
+    records = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
+    num_ctas = persistent_grid(plan, int(records.shape[0]))
     dtype = q.dtype
     scratch = [
         tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # Q
         tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # dO
+        tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # O (for delta)
         tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # dQ staging
         plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse2
-        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta
-        plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),  # Q, dO, lse, delta ready
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta staging
+        plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),  # Q, dO, lse, O ready
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # rows free (one arrival: its warpgroup)
         tiled_smem((stages, bk, dim), dtype),  # K ring
         tiled_smem((stages, bk, dim), dtype),  # V ring
@@ -189,10 +209,13 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K free
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V free
     ]
-    args = [items, runs, bands, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
+    args = [records, q, k, v, do, lse, out] + ([q_seg, kv_seg] if plan.segments else [])
     return plgpu.kernel(
         functools.partial(_dq_kernel, plan=plan, num_ctas=num_ctas),
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type=[
+            jax.ShapeDtypeStruct(q.shape, dtype),
+            jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
+        ],
         scratch_types=scratch,
         grid=(num_ctas,),
         grid_names=("cta",),
@@ -208,15 +231,15 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
 def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
     c = plan.config
     bq, bk, stages, dim = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd, plan.head_dim
-    (items_ref, runs_ref, bands_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:9]
-    qseg_ref, kseg_ref = (refs[9], refs[10]) if plan.segments else (None, None)
-    n_in = 11 if plan.segments else 9
+    (records_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:7]
+    qseg_ref, kseg_ref = (refs[7], refs[8]) if plan.segments else (None, None)
+    n_in = 9 if plan.segments else 7
     dk_ref, dv_ref = refs[n_in : n_in + 2]
     (k_smem2, v_smem2, dk_smem2, dv_smem2, keys_ready, keys_free,
      q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, q_free, do_free) = refs[n_in + 2 :]
-    num_items = items_ref.shape[0]
+    num_items = records_ref.shape[0]
     flags = plan.masked_runs()
-    unit = functools.partial(read_unit, items_ref, runs_ref, bands_ref, slots=plan.slots, num_runs=len(flags))
+    unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
     wg = lax.axis_index("wg")
     dtype = q_ref.dtype
     coef = plan.scale * LOG2E
@@ -230,7 +253,8 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         dk_smem, dv_smem = dk_smem2.at[wg], dv_smem2.at[wg]
 
-        def one_item(item, step):
+        def one_item(item, carry):
+            step, zeroed = carry
             b, h, kv_tile, runs, bands = unit(item)
             keys = key_slice(kv_tile, wg)
             key0 = keys.start
@@ -240,7 +264,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                 # Rows are keys, columns are queries: distance = query position - key position.
                 kr = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=WGMMA)
                 qc = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=WGMMA)
-                ok = band_allowed(qc - kr + (t * bq + plan.q_offset - key0), bands)
+                ok = band_allowed(qc - kr, t * bq + plan.q_offset - key0, bands)
                 if plan.segments:
                     q_seg = load_vec(qseg_ref.at[b, pl.ds(t * bq, bq)], COL, optimized=False)
                     ok = ok & (bcast_rows(k_seg, (bk, bq)) == bcast_cols(q_seg, (bk, bq)))
@@ -283,16 +307,17 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
             wait_unless(jnp.logical_not(busy), keys_ready.at[wg])
             dk_acc, dv_acc, step = loop_runs(runs, flags, body, (zero(), zero(), step))
             arrive_if(busy, keys_free.at[wg])  # only busy units: see the forward's q_free
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dK/dV left staging
-            dk_smem[...] = (dk_acc * plan.scale).astype(dtype)
-            dv_smem[...] = dv_acc.astype(dtype)
-            plgpu.commit_smem()
+            def write():
+                dk_smem[...] = (dk_acc * plan.scale).astype(dtype)
+                dv_smem[...] = dv_acc.astype(dtype)
+
+            zeroed = stage_outputs(busy, zeroed, write)
             plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, keys, h], commit_group=False)
             plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, keys, h], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
-            return step
+            return step, zeroed
 
-        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -327,15 +352,15 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
 
             return loop_runs(runs, flags, body, step), loaded + busy.astype(jnp.int32)
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
 
 
 def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
     """``(dK, dV)``, each ``[B, kv_pad, H, Dp]`` in ``k.dtype``: per q head (sum GQA groups after)."""
     c = plan.config
     bq, bk, stages, dim = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd, plan.head_dim
-    items, runs, bands = static_tables(plan, bq, COMPUTE_WGS * bk, transpose=True)
-    num_ctas = persistent_grid(plan, int(items.shape[0]))
+    records = static_tables(plan, bq, COMPUTE_WGS * bk, transpose=True)
+    num_ctas = persistent_grid(plan, int(records.shape[0]))
     dtype = k.dtype
     scratch = [
         tiled_smem((COMPUTE_WGS, bk, dim), dtype),  # K
@@ -354,7 +379,7 @@ def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dO free
     ]
     out_shape = jax.ShapeDtypeStruct((plan.batch, plan.kv_pad, plan.num_heads, dim), dtype)
-    args = [items, runs, bands, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
+    args = [records, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
     dk, dv = plgpu.kernel(
         functools.partial(_dkv_kernel, plan=plan, num_ctas=num_ctas),
         out_type=[out_shape, out_shape],

@@ -45,7 +45,7 @@ def problems(draw):
     return np.array(sizes, np.int32), sum(sizes) + spare, k_dim, n_dim, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=6)
+@settings(max_examples=min(6, settings.default.max_examples))
 @given(problems())
 def test_gmm_values_and_grads_equal_per_group_loop(problem):
     sizes, rows, k_dim, n_dim, seed = problem

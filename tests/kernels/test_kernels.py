@@ -25,6 +25,8 @@ class Backend:
     """What a kernel supports and how closely it must match the reference.
 
     Tolerances are on ``max|x - x_ref| / max(max|x_ref|, ERR_FLOOR)`` per output, by input dtype.
+    On a GPU, fp32 kernels multiply on the tensor cores in TF32 (10-bit mantissa), so their fp32 rows
+    get :data:`TF32_TOL` there; the reference always runs at ``highest`` precision.
     """
 
     name: str
@@ -39,7 +41,14 @@ class Backend:
     )
 
     def tolerances(self, dtype: str) -> dict[str, float]:
-        return dict(zip(("out", "dq", "dk", "dv"), dict(self.tol)[dtype]))
+        tol = TF32_TOL if dtype == "float32" and jax.default_backend() == "gpu" else dict(self.tol)[dtype]
+        return dict(zip(("out", "dq", "dk", "dv"), tol))
+
+
+# TF32 rounds operands to 2^-11 relative (bf16: 2^-8). Gradients that cancel to ~0 (a row with one
+# key: dS = P (dP - delta) = 0) are judged against ERR_FLOOR, where TF32's dP rounding shows as ~1e-2
+# (H100, N = 1, D = 32: dq 9.1e-3, dk 1.1e-2), so the gradient bounds are half of bf16's.
+TF32_TOL = (5e-3, 2e-2, 2e-2, 1e-2)
 
 
 # Kernels register here; a row whose implementation does not import on this install is skipped.
@@ -130,8 +139,10 @@ def check_against_reference(backend: Backend, case: dict) -> None:
         return reference.attention(*f32, mask=spec, q_segment_ids=seg, kv_segment_ids=seg)
 
     out, vjp = jax.vjp(jax.jit(run), q, k, v)
-    ref, vjp_ref = jax.vjp(run_ref, q, k, v)
-    grads, grads_ref = vjp(do), vjp_ref(do.astype(jnp.float32))
+    grads = vjp(do)
+    with jax.default_matmul_precision("highest"):  # on a GPU the default would be TF32
+        ref, vjp_ref = jax.vjp(jax.jit(run_ref), q, k, v)
+        grads_ref = vjp_ref(do.astype(jnp.float32))
 
     tol = backend.tolerances(case["dtype"])
     errors = {"out": _rel_err(out, ref)}
@@ -148,7 +159,7 @@ def check_against_reference(backend: Backend, case: dict) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=_ids)
-@settings(max_examples=6)
+@settings(max_examples=min(6, settings.default.max_examples))
 @given(data=st.data())
 def test_kernel_matches_reference(backend: Backend, data):
     if not available(backend.name):

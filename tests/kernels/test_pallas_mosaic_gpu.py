@@ -217,17 +217,6 @@ def test_backward_lse_marks_empty_and_padded_rows():
     assert np.isfinite(out[0, 0, :100]).all()
 
 
-def test_backward_delta_ignores_padded_rows():
-    spec = masks.make("causal", num_heads=1, band_len=None)
-    plan = mg.make_plan((1, 3, 1, 64), (1, 3, 1, 64), spec, scale=None, segments=False, config=mg.Config())
-    out = jnp.full((1, plan.q_pad, 1, 64), jnp.nan).at[:, :3].set(1.0)
-    do = jnp.zeros((1, plan.q_pad, 1, 64)).at[:, :3].set(2.0)
-    delta = np.asarray(mg.backward_delta(plan, out, do))
-    assert delta.shape == (1, 1, plan.q_pad)
-    np.testing.assert_array_equal(delta[0, 0, :3], 128.0)
-    assert np.all(delta[0, 0, 3:] == 0)
-
-
 # -- inputs and config ---------------------------------------------------------------------------------
 
 
@@ -236,6 +225,14 @@ def test_rejects_fp32_and_names_the_alternatives():
     x = jnp.zeros((1, 64, 2, 64), jnp.float32)
     with pytest.raises(ValueError, match="pallas_triton"):
         mg.attention(x, x, x, mask=spec)
+
+
+def test_rejects_tiles_that_overflow_shared_memory():
+    spec = masks.make("spattention", num_heads=2, band_len=None)
+    x = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
+    # dQ: Q, dO, O and dQ staging (4 x 32 KiB) plus a 3-deep K/V ring of 64-key tiles (96 KiB).
+    with pytest.raises(ValueError, match="dq kernel needs .* shared memory"):
+        mg.attention(x, x, x, mask=spec, num_stages_bwd=3)
 
 
 def test_rejects_interpret_mode():
@@ -271,7 +268,7 @@ def test_not_supported_on_cpu():
     [
         ("spattention", False, 4, {}),
         ("spattention_exclusive", True, 2, {}),
-        ("causal", False, 1, dict(block_kv=64, num_stages=3, num_stages_bwd=3, num_ctas=None)),
+        ("causal", False, 1, dict(block_kv=64, num_stages=3, num_stages_bwd=2, num_ctas=None)),
     ],
 )
 def test_kernels_lower_for_cuda(variant, segments, kv_heads, options):
@@ -291,7 +288,7 @@ def test_kernels_lower_for_cuda(variant, segments, kv_heads, options):
 
 
 @pytest.mark.parametrize("num_ctas", [3, 132])
-def test_barrier_protocol_has_no_deadlock(num_ctas):
+def test_barrier_protocol_has_no_deadlock(num_ctas, tmp_path):
     """The three kernels' traced barrier protocol, simulated warpgroup by warpgroup on the CPU
     (``bench/mgpu_dev.py protocol``) under random schedules: no deadlock, no barrier misuse.
 
@@ -305,9 +302,29 @@ def test_barrier_protocol_has_no_deadlock(num_ctas):
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         [sys.executable, str(repo / "bench" / "mgpu_dev.py"), "protocol", "--cases", "2,0,3,5",
-         "--options", f'{{"num_ctas": {num_ctas}}}', "--max-ctas", "3", "--policies", "2"],
+         "--options", f'{{"num_ctas": {num_ctas}}}', "--max-ctas", "3", "--policies", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=repo,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT protocol")]
     assert result == ["RESULT protocol runs=12 bad=0"], proc.stdout[-3000:]
+
+
+# -- implementation="auto" on Hopper ---------------------------------------------------------------
+
+
+def test_auto_picks_mosaic_on_hopper_for_inputs_it_takes(monkeypatch):
+    """On sm90 ``auto`` is this kernel for bf16/fp16 and head_dim <= 128, else the Triton kernel."""
+    from spattn_jax import attention as attn
+
+    monkeypatch.setattr(attn, "_platform_key", lambda: "gpu_sm90")
+    monkeypatch.setattr(mg, "is_supported", lambda: True)
+    bf16 = jnp.zeros((1, 8, 2, 128), jnp.bfloat16)
+    assert attn.resolve("auto", bf16) == "pallas_mosaic_gpu"
+    assert attn.resolve("auto", bf16.astype(jnp.float16), block_q=64, num_stages=2) == "pallas_mosaic_gpu"
+    assert attn.resolve("auto", bf16.astype(jnp.float32)) == "pallas_triton"  # Mosaic takes 2-byte inputs
+    assert attn.resolve("auto", jnp.zeros((1, 8, 2, 256), jnp.bfloat16)) == "pallas_triton"  # D > 128
+    assert attn.resolve("auto", bf16, block_k_dq=32) == "pallas_triton"  # a Triton-only tile option
+    assert attn.resolve("auto", bf16, interpret=True) == "pallas_triton"
+    monkeypatch.setattr(mg, "is_supported", lambda: False)  # e.g. an sm80 device reported as sm90
+    assert attn.resolve("auto", bf16) == "pallas_triton"
