@@ -39,7 +39,7 @@ def _load(name: str) -> Callable | None:
     module, fn = IMPLEMENTATIONS[name].split(":")
     try:
         return getattr(importlib.import_module(module), fn)
-    except ImportError:
+    except (ImportError, AttributeError):
         return None
 
 

@@ -141,6 +141,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             dq_acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
             dq_acc, _, delta, step = loop_runs(runs, flags, body, (dq_acc, lse, delta, step))
             arrive_if(busy, rows_free.at[wg])  # only busy units: see the forward's q_free
+
             def write():
                 dq_smem[...] = (dq_acc * plan.scale).astype(dtype)
                 delta_smem2.at[wg][...] = delta
@@ -307,6 +308,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
             wait_unless(jnp.logical_not(busy), keys_ready.at[wg])
             dk_acc, dv_acc, step = loop_runs(runs, flags, body, (zero(), zero(), step))
             arrive_if(busy, keys_free.at[wg])  # only busy units: see the forward's q_free
+
             def write():
                 dk_smem[...] = (dk_acc * plan.scale).astype(dtype)
                 dv_smem[...] = dv_acc.astype(dtype)
