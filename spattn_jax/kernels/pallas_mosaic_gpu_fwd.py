@@ -150,7 +150,8 @@ def item_loop(num_items: int, num_ctas: int, body, carry, records_ref):
     The list is sorted heaviest first, so the strided split hands every CTA one unit of each
     "wave" of the LPT order. Each step loads the *next* unit's batch index before running this
     unit: that pulls the next record's cache line into L1 while this unit computes, instead of
-    stalling on global memory at every unit start (ncu's top stall, L1TEX scoreboard).
+    stalling on global memory at every unit start (aimed at ncu's top stall, L1TEX scoreboard; the
+    H100 showed no measurable change at 2x8192, bench/NOTES_mgpu.md v4).
     """
     cta = lax.axis_index("cta")
     count = lax.div(num_items - cta + (num_ctas - 1), num_ctas)
