@@ -40,7 +40,6 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     WGMMA,
     _register_split,
     band_allowed,
-    stage_outputs,
     stream_kv_tiles,
     bcast_cols,
     bcast_rows,
@@ -85,8 +84,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
         plgpu.set_max_registers(_register_split()[1], action="increase")
         q_smem, do_smem, o_smem, dq_smem = q_smem2.at[wg], do_smem2.at[wg], o_smem2.at[wg], dq_smem2.at[wg]
 
-        def one_item(item, carry):
-            step, zeroed = carry
+        def one_item(item, step):
             b, h, q_tile, runs, bands = unit(item)
             rows = row_slice(q_tile, wg)
             row0 = rows.start
@@ -95,7 +93,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             def allowed(t):
                 r = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=WGMMA)
                 k = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=WGMMA)
-                ok = band_allowed(r - k, row0 + plan.q_offset - t * bk, bands)
+                ok = band_allowed(r - k + (row0 + plan.q_offset - t * bk), bands)
                 if plan.segments:
                     k_seg = load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False)
                     ok = ok & (bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk)))
@@ -142,17 +140,16 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             dq_acc, _, delta, step = loop_runs(runs, flags, body, (dq_acc, lse, delta, step))
             arrive_if(busy, rows_free.at[wg])  # only busy units: see the forward's q_free
 
-            def write():
-                dq_smem[...] = (dq_acc * plan.scale).astype(dtype)
-                delta_smem2.at[wg][...] = delta
-
-            zeroed = stage_outputs(busy, zeroed, write)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dQ and delta left staging
+            dq_smem[...] = (dq_acc * plan.scale).astype(dtype)
+            delta_smem2.at[wg][...] = delta
+            plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h], commit_group=False)
             plgpu.copy_smem_to_gmem(delta_smem2.at[wg], delta_ref.at[b, h, rows], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
-            return step, zeroed
+            return step
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
+        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -180,7 +177,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages)
             return step, loaded + busy.astype(jnp.int32)
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
 
 
 def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
@@ -254,8 +251,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         dk_smem, dv_smem = dk_smem2.at[wg], dv_smem2.at[wg]
 
-        def one_item(item, carry):
-            step, zeroed = carry
+        def one_item(item, step):
             b, h, kv_tile, runs, bands = unit(item)
             keys = key_slice(kv_tile, wg)
             key0 = keys.start
@@ -265,7 +261,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                 # Rows are keys, columns are queries: distance = query position - key position.
                 kr = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=WGMMA)
                 qc = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=WGMMA)
-                ok = band_allowed(qc - kr, t * bq + plan.q_offset - key0, bands)
+                ok = band_allowed(qc - kr + (t * bq + plan.q_offset - key0), bands)
                 if plan.segments:
                     q_seg = load_vec(qseg_ref.at[b, pl.ds(t * bq, bq)], COL, optimized=False)
                     ok = ok & (bcast_rows(k_seg, (bk, bq)) == bcast_cols(q_seg, (bk, bq)))
@@ -309,17 +305,16 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
             dk_acc, dv_acc, step = loop_runs(runs, flags, body, (zero(), zero(), step))
             arrive_if(busy, keys_free.at[wg])  # only busy units: see the forward's q_free
 
-            def write():
-                dk_smem[...] = (dk_acc * plan.scale).astype(dtype)
-                dv_smem[...] = dv_acc.astype(dtype)
-
-            zeroed = stage_outputs(busy, zeroed, write)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dK/dV left staging
+            dk_smem[...] = (dk_acc * plan.scale).astype(dtype)
+            dv_smem[...] = dv_acc.astype(dtype)
+            plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, keys, h], commit_group=False)
             plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, keys, h], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
-            return step, zeroed
+            return step
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
+        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -354,7 +349,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
 
             return loop_runs(runs, flags, body, step), loaded + busy.astype(jnp.int32)
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
 
 
 def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):

@@ -2,8 +2,8 @@
 
 A CTA works on one work-list entry ``(b, h, q_tile)`` of ``2 * block_q`` query rows at a time. By
 default the CTAs are persistent (one per SM), walking the list with a stride and reading each
-entry's scalars from one work record (:func:`static_tables`), the next one's prefetched;
-``Config.num_ctas = 0`` launches one CTA per entry instead:
+entry's scalars from one work record (:func:`static_tables`); ``Config.num_ctas = 0`` launches one
+CTA per entry instead:
 
 * warpgroups 0 and 1 (consumers) own ``block_q`` rows each: ``S = Q K^T`` and ``O += P V`` with
   wgmma from shared memory, online softmax in registers (base 2, fp32). A shared "schedule"
@@ -96,15 +96,8 @@ def bcast_cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def band_allowed(diff, offset, bands):
-    """``bool`` like ``diff``: ``lo <= diff + offset < hi`` for one of the ``(lo, hi)`` scalar pairs.
-
-    ``diff + offset`` is the query position minus the key position of each element (``diff`` an
-    iota difference, ``offset`` a scalar). Empty ``(0, 0)`` slots never match. (An unsigned
-    one-compare form, ``(x - lo) <u (hi - lo)``, lowered to a mask that was always false on the H100
-    with JAX 0.11.2: the GPU test body caught it.)
-    """
-    dist = diff + offset
+def band_allowed(dist, bands):
+    """``bool`` like ``dist`` (query position minus key position): OR over ``(lo, hi)`` scalars."""
     ok = None
     for lo, hi in bands:
         term = (dist >= lo) & (dist < hi)
@@ -113,14 +106,12 @@ def band_allowed(diff, offset, bands):
 
 
 def read_unit(records_ref, item, slots: int, num_runs: int):
-    """Scalars of work item ``item = (index, b)``: ``(b, h, tile)``, runs ``[(start, stop)]``, bands ``[(lo, hi)]``.
+    """Scalars of work item ``item``: ``(b, h, tile)``, runs ``[(start, stop)]``, bands ``[(lo, hi)]``.
 
-    ``b`` comes prefetched by :func:`item_loop`; the other fields sit in the same record (one cache
-    line, see :func:`static_tables`), so they are L1 hits.
+    All of them sit in the item's record (one cache line, see :func:`static_tables`).
     """
-    index, b = item
-    field = lambda i: records_ref[index, i]  # noqa: E731
-    h, tile = field(1), field(2)
+    field = lambda i: records_ref[item, i]  # noqa: E731
+    b, h, tile = field(0), field(1), field(2)
     runs = [(field(3 + 2 * r), field(4 + 2 * r)) for r in range(num_runs)]
     base = 3 + 2 * num_runs
     bands = [(field(base + 2 * s), field(base + 2 * s + 1)) for s in range(slots)]
@@ -144,26 +135,15 @@ def persistent_grid(plan: common.Plan, num_items: int) -> int:
     return max(1, min(want, num_items))
 
 
-def item_loop(num_items: int, num_ctas: int, body, carry, records_ref):
-    """``body((index, b), carry)`` over this CTA's work items: ``cta, cta + G, cta + 2G, ...``.
+def item_loop(num_items: int, num_ctas: int, body, carry):
+    """``body(item, carry)`` over this CTA's work items: ``cta, cta + G, cta + 2G, ...``.
 
     The list is sorted heaviest first, so the strided split hands every CTA one unit of each
-    "wave" of the LPT order. Each step loads the *next* unit's batch index before running this
-    unit: that pulls the next record's cache line into L1 while this unit computes, instead of
-    stalling on global memory at every unit start (aimed at ncu's top stall, L1TEX scoreboard; the
-    H100 showed no measurable change at 2x8192, bench/NOTES_mgpu.md v4).
+    "wave" of the LPT order.
     """
     cta = lax.axis_index("cta")
     count = lax.div(num_items - cta + (num_ctas - 1), num_ctas)
-
-    def step(j, c):
-        inner, b = c
-        item = cta + j * num_ctas
-        b_next = records_ref[jnp.minimum(item + num_ctas, num_items - 1), 0]
-        return body((item, b), inner), b_next
-
-    b0 = records_ref[jnp.minimum(cta, num_items - 1), 0]
-    return lax.fori_loop(0, count, step, (carry, b0))[0]
+    return lax.fori_loop(0, count, lambda j, c: body(cta + j * num_ctas, c), carry)
 
 
 def count_tiles(runs):
@@ -182,8 +162,8 @@ def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool
 
     Record ``i`` of the work list (heaviest first) holds ``b, h, tile``, then the unit's ``3 slots``
     ``(start, stop)`` runs, then its head's ``slots`` ``(lo, hi)`` intervals: everything a unit reads,
-    in one cache line (two dependent loads, work list then run table, cost a global-memory round
-    trip each per unit before). ``block_q`` / ``block_k`` are the tiles the schedule is cut at: the
+    in one cache line and with no dependent load (a work list indexing a run table costs two global
+    round trips per unit). ``block_q`` / ``block_k`` are the tiles the schedule is cut at: the
     CTA's tile on its own axis (both consumer warpgroups together) and the pipelined tile.
     """
     runs = common.run_table(plan.intervals, block_q, block_k, plan.q_len, plan.kv_len, transpose)
@@ -217,13 +197,16 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
     dtype = q_ref.dtype
     coef = plan.scale * LOG2E  # logits -> base-2 exponent units
 
+    def schedule_sync():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
         plgpu.set_max_registers(_register_split()[1], action="increase")
         q_smem, o_smem, lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
 
-        def one_item(item, carry):
-            step, zeroed = carry
+        def one_item(item, step):
             b, h, q_tile, runs, bands = unit(item)
             row0 = q_tile * (COMPUTE_WGS * bq) + wg * bq
             q_seg = load_vec(qseg_ref.at[b, pl.ds(row0, bq)], ROW, optimized=False) if plan.segments else None
@@ -231,7 +214,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             def allowed(t):
                 rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=WGMMA)
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=WGMMA)
-                ok = band_allowed(rows - cols, row0 + plan.q_offset - t * bk, bands)
+                ok = band_allowed(rows - cols + (row0 + plan.q_offset - t * bk), bands)
                 if plan.segments:
                     k_seg = load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False)
                     ok = ok & (bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk)))
@@ -244,7 +227,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
 
                 def compute_qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    pingpong_sync(sched)  # the other warpgroup's softmax runs under this matmul
+                    schedule_sync()  # the other warpgroup's softmax runs under this matmul
                     return acc_ref[...]
 
                 s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -285,20 +268,22 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             # ahead of the producer's parity wait (a deadlock).
             arrive_if(busy, q_free.at[wg])
 
-            def write():
-                empty = l_i == 0.0
-                l_safe = jnp.where(empty, 1.0, l_i)
-                o_smem[...] = (acc * bcast_rows(1.0 / l_safe, acc.shape)).astype(dtype)
-                lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log(l_safe) * RCP_LN2)
-
-            zeroed = stage_outputs(busy, zeroed, write)
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            acc = acc * bcast_rows(1.0 / l_safe, acc.shape)
+            lse = jnp.where(empty, -jnp.inf, m_i + jnp.log(l_safe) * RCP_LN2)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous unit's O left o_smem
+            o_smem[...] = acc.astype(dtype)
+            lse_smem[...] = lse
+            plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(row0, bq), h], commit_group=False)
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(row0, bq)], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
-            return step, zeroed
+            return step
 
-        start = (jnp.int32(0), jnp.int32(0))
-        pingpong_loop(wg, sched, lambda: item_loop(num_items, num_ctas, one_item, start, records_ref))
+        pl.when(wg == 1)(schedule_sync)  # stagger: warpgroup 1 starts one phase behind
+        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+        pl.when(wg == 0)(schedule_sync)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -330,45 +315,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             )
             return step, loaded + busy.astype(jnp.int32)
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)), records_ref)
-
-
-def pingpong_sync(sched) -> None:
-    """One step of the FA3 ping-pong between the two consumer warpgroups (``sched``: 2 arrivals).
-
-    A warpgroup calls it right after issuing a matmul group, and arrives/waits again before its
-    next one, so the other warpgroup's elementwise work (softmax, masks, dS) runs under this
-    warpgroup's matmuls. Warpgroup 1 starts one phase behind (:func:`pingpong_loop`).
-    """
-    plgpu.barrier_arrive(sched)
-    plgpu.barrier_wait(sched)
-
-
-def pingpong_loop(wg, sched, loop):
-    """Run ``loop()`` with warpgroup 1 one ping-pong phase behind warpgroup 0, phases balanced at exit."""
-    pl.when(wg == 1)(lambda: pingpong_sync(sched))
-    result = loop()
-    pl.when(wg == 0)(lambda: pingpong_sync(sched))
-    return result
-
-
-def stage_outputs(busy, zeroed, write):
-    """Run ``write()`` (registers -> this unit's staging buffers) unless they already hold its outputs.
-
-    An empty unit's outputs are constants (zeros, LSE -inf), so after one empty unit the buffers
-    hold the next one's too and only the TMA stores need issuing again: no wait for the previous
-    store, no register work, no fence. LPT order puts the empty units last, so every CTA ends with
-    a run of them (about half the units of EBALL at 2x8192). ``zeroed``: int32 flag, 1 when the
-    buffers hold an empty unit's outputs. Returns the new flag.
-    """
-
-    @pl.when(busy | (zeroed == 0))
-    def _():
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous unit's stores left staging
-        write()
-        plgpu.commit_smem()
-
-    return jnp.logical_not(busy).astype(jnp.int32)
+        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
 
 
 def arrive_if(pred, barrier):
