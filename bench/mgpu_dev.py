@@ -238,7 +238,7 @@ def stage_time(args) -> list:
 
 
 def split_fns(batch: int, n: int, variant: str, options: dict, heads: int = H, dim: int = D):
-    """Jitted ``fwd(q,k,v) -> (out, lse)``, ``prep(lse) -> lse2``, ``dq(q,k,v,do,lse2,out) -> (dq, delta)``,
+    """Jitted ``fwd(q,k,v) -> (out, lse2)``, ``dq(q,k,v,do,lse2,out) -> (dq, delta)``,
     ``dkv(q,k,v,do,lse2,delta) -> (dk, dv)``.
 
     The kernels of :func:`mg.attention`'s custom VJP, on shapes that need no padding (``n`` a multiple
@@ -252,7 +252,6 @@ def split_fns(batch: int, n: int, variant: str, options: dict, heads: int = H, d
         raise ValueError(f"split_fns needs an unpadded shape, got n={n} (pads to {plan.q_pad}), dim={dim}")
     return dict(
         fwd=jax.jit(lambda q, k, v: fwd_mod.forward(plan, q, k, v, None, None)),
-        prep=jax.jit(lambda lse: mg.backward_lse(plan, lse)),
         dq=jax.jit(lambda q, k, v, do, l2, out: bwd_mod.backward_dq(plan, q, k, v, do, l2, out, None, None)),
         dkv=jax.jit(lambda q, k, v, do, l2, dl: bwd_mod.backward_dkv(plan, q, k, v, do, l2, dl, None, None)),
     )
@@ -356,10 +355,9 @@ def stage_stress(args) -> list:
     x = jax.ShapeDtypeStruct((batch, n, H, D), jnp.bfloat16)
     c = {}
     if "split" in modes:
-        out_, lse = jax.eval_shape(f["fwd"], x, x, x)
-        l2 = jax.eval_shape(f["prep"], lse)
+        out_, l2 = jax.eval_shape(f["fwd"], x, x, x)
         dl = jax.eval_shape(f["dq"], x, x, x, x, l2, out_)[1]
-        c.update(fwd=f["fwd"].lower(x, x, x).compile(), prep=f["prep"].lower(lse).compile(),
+        c.update(fwd=f["fwd"].lower(x, x, x).compile(),
                  dq=f["dq"].lower(x, x, x, x, l2, out_).compile(), dkv=f["dkv"].lower(x, x, x, x, l2, dl).compile())
     if "joint" in modes:
         c["joint"] = jax.jit(joint_fn).lower(x, x, x, x).compile()
@@ -374,9 +372,8 @@ def stage_stress(args) -> list:
         times = {}
         if mode == "split":
             dog.progress(f"iter {it} split fwd", args.stall_s)
-            out_, lse = jax.block_until_ready(c["fwd"](q, k, v))
+            out_, lse2 = jax.block_until_ready(c["fwd"](q, k, v))
             times["fwd"] = time.perf_counter() - t0
-            lse2 = jax.block_until_ready(c["prep"](lse))
             dog.progress(f"iter {it} split dq", args.stall_s)
             t1 = time.perf_counter()
             dq, delta = jax.block_until_ready(c["dq"](q, k, v, do, lse2, out_))
@@ -418,9 +415,8 @@ def stage_profile(args) -> list:
     for variant in args.masks.split(","):
         f = split_fns(batch, n, variant, options)
         q, k, v, do = make_inputs(batch, n)
-        out_, lse = jax.eval_shape(f["fwd"], q, k, v)
-        compiled = dict(fwd=f["fwd"].lower(q, k, v).compile(), prep=f["prep"].lower(lse).compile())
-        l2 = jax.eval_shape(f["prep"], lse)
+        out_, l2 = jax.eval_shape(f["fwd"], q, k, v)
+        compiled = dict(fwd=f["fwd"].lower(q, k, v).compile())
         dl = jax.eval_shape(f["dq"], q, k, v, do, l2, out_)[1]
         compiled["dq"] = f["dq"].lower(q, k, v, do, l2, out_).compile()
         compiled["dkv"] = f["dkv"].lower(q, k, v, do, l2, dl).compile()
@@ -429,10 +425,8 @@ def stage_profile(args) -> list:
     for variant, c, (q, k, v, do) in staged:
         for _ in range(args.repeat):
             t0 = time.perf_counter()
-            out_, lse = jax.block_until_ready(c["fwd"](q, k, v))
-            t1 = time.perf_counter()
-            l2 = jax.block_until_ready(c["prep"](lse))
-            t2 = time.perf_counter()
+            out_, l2 = jax.block_until_ready(c["fwd"](q, k, v))
+            t1 = t2 = time.perf_counter()
             _, dl = jax.block_until_ready(c["dq"](q, k, v, do, l2, out_))
             t3 = time.perf_counter()
             jax.block_until_ready(c["dkv"](q, k, v, do, l2, dl))

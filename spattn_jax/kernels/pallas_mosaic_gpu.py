@@ -13,8 +13,8 @@ window + band, sharing one online-softmax state). On top of it, FA3 style:
   K/V stays in L2), so the long bands start first and the short and empty units fill the tail.
   By default the CTAs are persistent, one per SM, each walking the list with stride ``num_ctas``
   and prefetching its next unit's rows (``num_ctas=0``: one CTA per entry);
-* empty rows (no allowed key) write O = 0 and LSE = -inf; the backward reads their LSE as +inf so
-  that every probability there is exactly 0. All three warpgroups of a CTA walk the same tile list,
+* empty rows (no allowed key) write O = 0 and LSE = +inf, so that every probability the backward
+  recomputes there is exactly 0. All three warpgroups of a CTA walk the same tile list,
   so a zero-trip loop keeps every barrier's phase in step (kernels.md §6).
 
 Kernels live in :mod:`pallas_mosaic_gpu_fwd` and :mod:`pallas_mosaic_gpu_bwd`; this module holds the
@@ -150,10 +150,36 @@ class Plan:
         """Position of query row 0: queries are the last ``q_len`` of ``kv_len`` positions."""
         return self.kv_len - self.q_len
 
-    def masked_runs(self) -> tuple[bool, ...]:
-        """Static per-run element-mask flags; with segment ids every tile needs the mask."""
-        flags = schedule.run_is_masked(self.slots)
-        return tuple(True for _ in flags) if self.segments else flags
+    def one_sided_edges(self, span: int) -> bool:
+        """Whether every edge tile crosses exactly one interval boundary, for tiles whose distances span
+        ``span`` values (CTA rows + pipelined tile): every interval at least that wide and that far
+        from its neighbours."""
+        return all(
+            hi - lo >= span and (i == 0 or lo - head[i - 1][1] >= span)
+            for head in self.intervals
+            for i, (lo, hi) in enumerate(head)
+        )
+
+    def edge_masks(self, span: int, transpose: bool) -> tuple:
+        """Static element mask of each run of the schedule: ``None`` (interior: no mask) or ``(kind, run)``.
+
+        ``"full"`` evaluates the head's whole predicate (OR over its intervals, two compares each);
+        ``"lt"`` / ``"ge"`` compare the distance with the run's one boundary (``dist < hi`` on the far
+        edge of an interval, ``dist >= lo`` on the near one; the bound is in the work record), which
+        :meth:`one_sided_edges` allows; ``"segments"``: an interior run that only segment ids mask.
+        Forward runs take a head's intervals farthest first and ascend in keys (far edge first); the
+        transposed runs take them nearest first and ascend in queries (near edge first).
+        """
+        one_sided = self.one_sided_edges(span)
+        first, last = ("ge", "lt") if transpose else ("lt", "ge")
+        kinds = []
+        for run in range(schedule.RUNS_PER_INTERVAL * self.slots):
+            edge = run % schedule.RUNS_PER_INTERVAL
+            if edge == 1:
+                kinds.append(("segments", run) if self.segments else None)
+            else:
+                kinds.append((first if edge == 0 else last, run) if one_sided else ("full", run))
+        return tuple(kinds)
 
 
 # -- static tables (NumPy, trace time) ----------------------------------------------------------------
@@ -259,20 +285,10 @@ def _band_attention_fwd(plan: Plan, q, k, v, q_seg, kv_seg):
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
-def backward_lse(plan: Plan, lse: jax.Array) -> jax.Array:
-    """The forward's base-2 LSE ``[B, H, q_pad]`` as the backward reads it.
-
-    Empty rows (``-inf``) and padded rows (never written: any value) become ``+inf``, so that their
-    probabilities ``exp2(s - lse)`` are exactly 0 on every tile the backward visits.
-    """
-    row = jnp.arange(plan.q_pad)
-    return jnp.where((lse == -jnp.inf) | (row >= plan.q_len), jnp.inf, lse)
-
-
 def _band_attention_bwd(plan: Plan, res, do):
     _, bwd = _kernels()
     q, k, v, q_seg, kv_seg, out, lse = res
-    lse = backward_lse(plan, lse)
+    # The forward's LSE has +inf on empty rows, so it needs no fix-up pass (one was 2.4 us at 2x8192).
     # Padded dO rows and head-dim columns are already 0 (the cotangent of the slice in `attention`),
     # so their delta, dP, dS and dV contributions vanish without another pass over dO.
     dq, delta = bwd.backward_dq(plan, q, k, v, do, lse, out, q_seg, kv_seg)

@@ -12,7 +12,7 @@ CTA per entry instead:
 * warpgroup 2 (producer) loads each busy unit's Q halves and streams the K and V tiles of its runs
   into a ``num_stages`` ring with TMA; per-slot "ready" barriers (TMA transaction counts) and
   "free" barriers (one arrival per consumer warpgroup) pace it. A unit with no tile loads nothing
-  and writes O = 0, LSE = -inf. Q half 1 is loaded only after the unit's first K/V tile: the
+  and writes O = 0, LSE = +inf. Q half 1 is loaded only after the unit's first K/V tile: the
   ping-pong barrier makes warpgroup 1's last tile of a unit wait for warpgroup 0's first tile of
   the next, so in a persistent CTA warpgroup 1 can release its Q only after that first K tile has
   arrived (waiting for the release first was the persistent-mode deadlock).
@@ -23,8 +23,9 @@ Interior runs skip the element mask; edge runs (and every run when segment ids a
 the head's full predicate: OR over its intervals of ``lo <= i - j < hi`` (and equal segment ids).
 
 Outputs: ``O [B, q_pad, H, Dp]`` in the input dtype and the base-2 log-sum-exp
-``lse2 [B, H, q_pad]`` (``m + log2 l`` of the logits scaled by ``scale * log2 e``; ``-inf`` on
-empty rows), which the backward reads.
+``lse2 [B, H, q_pad]`` (``m + log2 l`` of the logits scaled by ``scale * log2 e``), which the backward
+reads as it is: ``+inf`` on empty rows (also the padded rows past the last tile), so that every
+probability the backward recomputes there is exactly 0.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from spattn_jax.kernels import pallas_mosaic_gpu as common
+from spattn_jax.kernels import schedule
 
 LOG2E = math.log2(math.e)
 RCP_LN2 = 1.0 / math.log(2.0)
@@ -105,17 +107,49 @@ def band_allowed(dist, bands):
     return ok
 
 
-def read_unit(records_ref, item, slots: int, num_runs: int):
-    """Scalars of work item ``item``: ``(b, h, tile)``, runs ``[(start, stop)]``, bands ``[(lo, hi)]``.
+def tile_reaches(d_min, d_max, bands):
+    """Scalar: whether any distance in ``[d_min, d_max]`` lies in one of the ``(lo, hi)`` bands.
 
-    All of them sit in the item's record (one cache line, see :func:`static_tables`).
+    A consumer warpgroup skips the math of a pipelined tile that its own rows cannot reach (the
+    CTA's run list is cut at both warpgroups' rows, so an edge tile can be empty for one of them).
+    Empty ``(0, 0)`` slots never reach.
+    """
+    hit = None
+    for lo, hi in bands:
+        term = jnp.maximum(lo, d_min) <= jnp.minimum(hi - 1, d_max)
+        hit = term if hit is None else hit | term
+    return hit
+
+
+def read_unit(records_ref, item, slots: int, num_runs: int):
+    """Scalars of work item ``item``: ``(b, h, tile)``, runs ``[(start, stop)]`` and
+    ``(bands, bounds)``: the head's ``[(lo, hi)]`` intervals and each run's edge bound.
+
+    All of them sit in the item's record (one cache line, see :func:`static_tables`); loads a kernel
+    does not use are dropped by the compiler.
     """
     field = lambda i: records_ref[item, i]  # noqa: E731
     b, h, tile = field(0), field(1), field(2)
     runs = [(field(3 + 2 * r), field(4 + 2 * r)) for r in range(num_runs)]
     base = 3 + 2 * num_runs
     bands = [(field(base + 2 * s), field(base + 2 * s + 1)) for s in range(slots)]
-    return b, h, tile, runs, bands
+    base += 2 * slots
+    bounds = [field(base + r) for r in range(num_runs)]
+    return b, h, tile, runs, (bands, bounds)
+
+
+def edge_allowed(dist, masked, edges):
+    """``bool`` like ``dist`` on a tile of an edge run (``masked`` from :meth:`Plan.edge_masks`,
+    ``edges = (bands, bounds)`` from :func:`read_unit`), or ``None`` where only segment ids mask."""
+    kind, run = masked
+    bands, bounds = edges
+    if kind == "full":
+        return band_allowed(dist, bands)
+    if kind == "lt":
+        return dist < bounds[run]
+    if kind == "ge":
+        return dist >= bounds[run]
+    return None
 
 
 def loop_runs(runs, masked_flags, body, carry):
@@ -161,16 +195,23 @@ def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool
     """``int32 [items, 32 k]`` work records, one per work-list entry, as a device constant.
 
     Record ``i`` of the work list (heaviest first) holds ``b, h, tile``, then the unit's ``3 slots``
-    ``(start, stop)`` runs, then its head's ``slots`` ``(lo, hi)`` intervals: everything a unit reads,
-    in one cache line and with no dependent load (a work list indexing a run table costs two global
+    ``(start, stop)`` runs, then its head's ``slots`` ``(lo, hi)`` intervals, then the ``3 slots`` edge
+    bounds (:func:`schedule.edge_bounds`): everything a unit reads, in one cache line (two for more
+    than two intervals per head) and with no dependent load (a work list indexing a run table costs two global
     round trips per unit). ``block_q`` / ``block_k`` are the tiles the schedule is cut at: the
     CTA's tile on its own axis (both consumer warpgroups together) and the pipelined tile.
     """
     runs = common.run_table(plan.intervals, block_q, block_k, plan.q_len, plan.kv_len, transpose)
+    if not transpose:
+        # Tiles past the last real row (q_pad can exceed it by more than a tile) become empty units:
+        # the forward and dQ kernels then write every padded row (LSE +inf, delta 0) that the dK/dV
+        # kernel may read.
+        runs = np.pad(runs, ((0, 0), (0, plan.q_pad // block_q - runs.shape[1]), (0, 0)))
     items = common.work_list(common.run_lengths(runs), plan.batch, lpt=plan.config.lpt)
     bands = common.interval_table(plan)
+    bounds = schedule.edge_bounds(plan.intervals, plan.slots, transpose)
     b, h, tile = items.T
-    fields = np.concatenate([items, runs[h, tile], bands[h]], axis=1)
+    fields = np.concatenate([items, runs[h, tile], bands[h], bounds[h]], axis=1)
     width = RECORD_WORDS * -(-fields.shape[1] // RECORD_WORDS)
     records = np.zeros((len(items), width), np.int32)
     records[:, : fields.shape[1]] = fields
@@ -191,7 +232,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
         n_in + 2 :
     ]
     num_items = records_ref.shape[0]
-    flags = plan.masked_runs()
+    flags = plan.edge_masks(COMPUTE_WGS * bq + bk, transpose=False)
     unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
     wg = lax.axis_index("wg")
     dtype = q_ref.dtype
@@ -207,20 +248,21 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
         q_smem, o_smem, lse_smem = q_smem2.at[wg], o_smem2.at[wg], lse_smem2.at[wg]
 
         def one_item(item, step):
-            b, h, q_tile, runs, bands = unit(item)
+            b, h, q_tile, runs, edges = unit(item)
             row0 = q_tile * (COMPUTE_WGS * bq) + wg * bq
             q_seg = load_vec(qseg_ref.at[b, pl.ds(row0, bq)], ROW, optimized=False) if plan.segments else None
 
-            def allowed(t):
+            def allowed(t, masked):
                 rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=WGMMA)
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=WGMMA)
-                ok = band_allowed(rows - cols + (row0 + plan.q_offset - t * bk), bands)
+                ok = edge_allowed(rows - cols + (row0 + plan.q_offset - t * bk), masked, edges)
                 if plan.segments:
                     k_seg = load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False)
-                    ok = ok & (bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk)))
+                    same = bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk))
+                    ok = same if ok is None else ok & same
                 return ok
 
-            def body(t, carry, *, masked: bool):
+            def body(t, carry, *, masked):
                 acc, m_i, l_i, step = carry
                 slot = lax.rem(step, stages)
                 plgpu.barrier_wait(k_ready.at[slot])
@@ -232,8 +274,11 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
 
                 s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
+                # The unit's last Q K^T is done: the producer may load the next unit's Q now, under
+                # this tile's softmax, P V and the epilogue, instead of after them.
+                arrive_if(step == last_step, q_free.at[wg])
                 if masked:
-                    s = jnp.where(allowed(t), s, -jnp.inf)
+                    s = jnp.where(allowed(t, masked), s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1) * coef)
                 # A row with no allowed key so far has m = -inf: shift by 0 instead (exp2(-inf) = 0,
                 # no NaN). Interior tiles give every row a finite logit, so they skip the guard.
@@ -260,18 +305,19 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
             m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), ROW)
             l_i = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), ROW)
-            busy = count_tiles(runs) > 0
-            wait_unless(jnp.logical_not(busy), q_ready.at[wg])
+            tiles = count_tiles(runs)
+            # Q is released on the unit's last tile. Only busy units release: an empty one never
+            # waited for its Q, so arriving there would let this side run two phases ahead of the
+            # producer's parity wait (a deadlock).
+            last_step = step + tiles - 1
+            wait_unless(tiles == 0, q_ready.at[wg])
             acc, m_i, l_i, step = loop_runs(runs, flags, body, (acc, m_i, l_i, step))
-            # The producer may load the next busy unit's Q now. Only busy units arrive: an empty
-            # one never waited for its Q, so arriving there would let this side run two phases
-            # ahead of the producer's parity wait (a deadlock).
-            arrive_if(busy, q_free.at[wg])
 
             empty = l_i == 0.0
             l_safe = jnp.where(empty, 1.0, l_i)
             acc = acc * bcast_rows(1.0 / l_safe, acc.shape)
-            lse = jnp.where(empty, -jnp.inf, m_i + jnp.log(l_safe) * RCP_LN2)
+            # +inf on empty rows: the backward's exp2(s - lse) is then exactly 0 there.
+            lse = jnp.where(empty, jnp.inf, m_i + jnp.log(l_safe) * RCP_LN2)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous unit's O left o_smem
             o_smem[...] = acc.astype(dtype)
             lse_smem[...] = lse
@@ -343,7 +389,7 @@ def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, sta
     k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free = kv
     first = step
 
-    def body(t, step, *, masked: bool):
+    def body(t, step, *, masked):
         del masked
         slot = lax.rem(step, stages)
         tile = (b, pl.ds(t * block_k, block_k), kv_head)

@@ -254,6 +254,21 @@ def interval_table(intervals: Sequence[Sequence[Interval]], slots: int | None = 
     return table
 
 
+def edge_bounds(intervals: Sequence[Sequence[Interval]], slots: int, transpose: bool) -> np.ndarray:
+    """``int32 [H, 3 * slots]``: the one boundary each run's edge tiles cross (0 on interior runs).
+
+    Forward runs (intervals farthest first, keys ascending): ``hi`` on an interval's first edge run,
+    ``lo`` on its last. Transposed runs (nearest first, queries ascending): ``lo`` first, ``hi`` last.
+    """
+    table = np.zeros((len(intervals), RUNS_PER_INTERVAL * slots), np.int32)
+    for h, head in enumerate(intervals):
+        for s, (lo, hi) in enumerate(head if transpose else reversed(head)):
+            first, last = (lo, hi) if transpose else (hi, lo)
+            table[h, RUNS_PER_INTERVAL * s] = first
+            table[h, RUNS_PER_INTERVAL * s + RUNS_PER_INTERVAL - 1] = last
+    return table
+
+
 def visited_tiles(runs: np.ndarray) -> int:
     """Total tiles a run table visits (tile pairs a kernel computes), summed over heads and tiles."""
     return int(np.sum(np.maximum(runs[..., 1] - runs[..., 0], 0)))

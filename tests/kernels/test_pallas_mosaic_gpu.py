@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 from spattn_jax import masks
 from spattn_jax.kernels import pallas_mosaic_gpu as mg
-from spattn_jax.kernels import reference
+from spattn_jax.kernels import pallas_mosaic_gpu_fwd as mg_fwd
+from spattn_jax.kernels import reference, schedule
 
 
 # -- work list ---------------------------------------------------------------------------------------
@@ -129,7 +130,8 @@ def _emulate_forward(plan: mg.Plan, q, k, v, q_seg=None, kv_seg=None):
     runs = mg.run_table(plan.intervals, 2 * bq, bk, plan.q_len, plan.kv_len, False)
     items = mg.work_list(mg.run_lengths(runs), plan.batch, lpt=c.lpt)
     bands = mg.interval_table(plan)
-    flags = plan.masked_runs()
+    bounds = schedule.edge_bounds(plan.intervals, plan.slots, transpose=False)
+    flags = plan.edge_masks(2 * bq + bk, transpose=False)
     coef = plan.scale * math.log2(math.e)
     out = np.full(q.shape, np.nan)  # unvisited rows stay NaN
     lse = np.full((plan.batch, plan.num_heads, plan.q_pad), np.nan)
@@ -145,9 +147,9 @@ def _emulate_forward(plan: mg.Plan, q, k, v, q_seg=None, kv_seg=None):
                     s = qi @ kj.T
                     if masked:
                         dist = (np.arange(bq)[:, None] + row0 + plan.q_offset) - (np.arange(bk)[None, :] + t * bk)
-                        ok = np.zeros_like(dist, bool)
-                        for sl in range(plan.slots):
-                            ok |= (dist >= bands[h, 2 * sl]) & (dist < bands[h, 2 * sl + 1])
+                        edges = ([tuple(bands[h, 2 * sl : 2 * sl + 2]) for sl in range(plan.slots)], bounds[h])
+                        ok = mg_fwd.edge_allowed(dist, masked, edges)  # the kernel's own predicate
+                        ok = np.ones_like(dist, bool) if ok is None else ok
                         if plan.segments:
                             ok &= q_seg[b, row0 : row0 + bq, None] == kv_seg[b, None, t * bk : (t + 1) * bk]
                         s = np.where(ok, s, -np.inf)
@@ -160,21 +162,25 @@ def _emulate_forward(plan: mg.Plan, q, k, v, q_seg=None, kv_seg=None):
                     m = m_new
             empty = l == 0
             out[b, row0 : row0 + bq, h] = acc / np.where(empty, 1.0, l)[:, None]
-            lse[b, h, row0 : row0 + bq] = np.where(empty, -np.inf, m + np.log2(np.where(empty, 1.0, l)))
+            lse[b, h, row0 : row0 + bq] = np.where(empty, np.inf, m + np.log2(np.where(empty, 1.0, l)))
     return out, lse
 
 
 @pytest.mark.parametrize(
-    "variant,n,heads,kv_heads,docs,config",
+    "variant,n,heads,kv_heads,docs,config,one_sided",
     [
-        ("spattention", 700, 4, 2, 1, mg.Config()),
-        ("spattention_exclusive", 520, 4, 4, 1, mg.Config(block_kv=64)),
-        ("spattention", 300, 2, 1, 3, mg.Config()),
-        ("gapped", 256, 8, 8, 1, mg.Config(block_q=128)),
-        ("balanced", 640, 8, 4, 1, mg.Config(block_kv=64, lpt=False)),
+        ("spattention", 700, 4, 2, 1, mg.Config(), False),
+        ("spattention_exclusive", 520, 4, 4, 1, mg.Config(block_kv=64), False),
+        ("spattention", 300, 2, 1, 3, mg.Config(), False),
+        ("gapped", 256, 8, 8, 1, mg.Config(block_q=128), False),
+        ("balanced", 640, 8, 4, 1, mg.Config(block_kv=64, lpt=False), False),
+        # Bands wide and apart enough that every edge tile crosses one boundary: one compare per element.
+        ("spattention_exclusive", 1040, 2, 2, 1, mg.Config(), True),
+        ("spattention", 1100, 4, 2, 1, mg.Config(block_kv=64), True),
+        ("spattention_exclusive", 1040, 2, 1, 3, mg.Config(), True),
     ],
 )
-def test_forward_emulation_matches_reference(variant, n, heads, kv_heads, docs, config):
+def test_forward_emulation_matches_reference(variant, n, heads, kv_heads, docs, config, one_sided):
     rng = np.random.default_rng(n)
     d = 64
     spec = masks.make(variant, num_heads=heads, band_len=None)
@@ -183,6 +189,7 @@ def test_forward_emulation_matches_reference(variant, n, heads, kv_heads, docs, 
         cuts = np.sort(rng.choice(np.arange(1, n), size=docs - 1, replace=False))
         seg = np.searchsorted(cuts, np.arange(n), side="right")[None].astype(np.int32)
     plan = mg.make_plan((1, n, heads, d), (1, n, kv_heads, d), spec, scale=None, segments=seg is not None, config=config)
+    assert plan.one_sided_edges(2 * config.block_q + config.block_kv) == one_sided
     q = rng.standard_normal((1, plan.q_pad, heads, d))
     k = rng.standard_normal((1, plan.kv_pad, kv_heads, d))
     v = rng.standard_normal((1, plan.kv_pad, kv_heads, d))
@@ -198,23 +205,65 @@ def test_forward_emulation_matches_reference(variant, n, heads, kv_heads, docs, 
     )
     assert np.all(np.isfinite(out[:, :n]))
     np.testing.assert_allclose(out[:, :n], np.asarray(ref), atol=2e-5, rtol=2e-5)
-    # The kernel's LSE is base 2; the reference's is natural.
+    # The kernel's LSE is base 2 and +inf on empty rows; the reference's is natural and -inf there.
     got, want = lse[:, :, :n] * math.log(2.0), np.asarray(ref_lse)
-    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    np.testing.assert_array_equal(np.isposinf(got), np.isneginf(want))
     fin = np.isfinite(want)
     np.testing.assert_allclose(got[fin], want[fin], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("transpose,unit,inner", [(False, 128, 128), (False, 128, 64), (True, 128, 64)])
+@pytest.mark.parametrize("variant,n,heads", [("spattention_exclusive", 1040, 2), ("spattention", 1100, 4),
+                                             ("spattention", 2048, 4)])
+def test_one_sided_edge_masks_equal_the_full_predicate(variant, n, heads, transpose, unit, inner):
+    """On every edge tile of every unit (forward/dQ geometry, and the dK/dV kernel's transposed one:
+    ``unit`` rows or keys per CTA, ``inner`` per pipelined tile), the one compare the kernels make
+    (:meth:`Plan.edge_masks`, :func:`edge_allowed`) agrees with the head's full predicate on every
+    real (query, key) pair."""
+    spec = masks.make(variant, num_heads=heads, band_len=None)
+    plan = mg.make_plan((1, n, heads, 64), (1, n, heads, 64), spec, scale=None, segments=False, config=mg.Config())
+    kinds = plan.edge_masks(unit + inner, transpose)
+    assert {m[0] for m in kinds if m} == {"lt", "ge"}
+    bq, bk = (inner, unit) if transpose else (unit, inner)
+    runs = mg.run_table(plan.intervals, bq, bk, n, n, transpose)
+    bands, bounds = mg.interval_table(plan), schedule.edge_bounds(plan.intervals, plan.slots, transpose)
+    checked = 0
+    for h in range(heads):
+        edges = ([tuple(bands[h, 2 * s : 2 * s + 2]) for s in range(plan.slots)], bounds[h])
+        for tile in range(runs.shape[1]):
+            for r, masked in enumerate(kinds):
+                for t in range(runs[h, tile, 2 * r], runs[h, tile, 2 * r + 1]):
+                    if not masked:
+                        continue
+                    qt, kt = (t, tile) if transpose else (tile, t)
+                    qpos, kpos = qt * bq + np.arange(bq), kt * bk + np.arange(bk)
+                    dist = qpos[:, None] - kpos[None, :]
+                    real = (qpos[:, None] < n) & (kpos[None, :] < n)
+                    full = mg_fwd.band_allowed(dist, edges[0])
+                    one = mg_fwd.edge_allowed(dist, masked, edges)
+                    assert np.array_equal(full & real, one & real), (h, tile, r, t)
+                    checked += 1
+    assert checked > 0
 
 
 # -- backward helpers ----------------------------------------------------------------------------------
 
 
-def test_backward_lse_marks_empty_and_padded_rows():
+def test_forward_work_list_covers_every_padded_row_tile():
+    """q_pad may exceed the last real row by more than a CTA tile (here 256 vs 100 rows, 128-row
+    tiles); the forward and dQ work lists still hold every tile once, the padded ones empty, so those
+    kernels write every row's LSE (+inf) and delta (0) that the dK/dV kernel may read."""
     spec = masks.make("spattention_exclusive", num_heads=2, band_len=None)
-    plan = mg.make_plan((1, 100, 2, 64), (1, 100, 2, 64), spec, scale=None, segments=False, config=mg.Config())
-    lse = jnp.zeros((1, 2, plan.q_pad)).at[0, 1, 3].set(-jnp.inf)
-    out = np.asarray(mg.backward_lse(plan, lse))
-    assert out[0, 1, 3] == np.inf and np.all(out[..., 100:] == np.inf)
-    assert np.isfinite(out[0, 0, :100]).all()
+    config = mg.Config(block_q_dq=128)
+    plan = mg.make_plan((2, 100, 2, 64), (2, 100, 2, 64), spec, scale=None, segments=False, config=config)
+    assert plan.q_pad == 256
+    records = np.asarray(mg_fwd.static_tables(plan, 128, 128, transpose=False))
+    b, h, tile = records[:, 0], records[:, 1], records[:, 2]
+    keys = sorted(zip(b.tolist(), h.tolist(), tile.tolist()))
+    assert keys == [(bb, hh, tt) for bb in range(2) for hh in range(2) for tt in range(2)]
+    runs = records[:, 3 : 3 + 2 * schedule.RUNS_PER_INTERVAL * plan.slots]
+    lengths = np.maximum(runs[:, 1::2] - runs[:, 0::2], 0).sum(1)
+    assert np.all(lengths[tile == 1] == 0) and np.all(lengths[tile == 0] > 0)
 
 
 # -- inputs and config ---------------------------------------------------------------------------------
