@@ -20,7 +20,9 @@ CTA per entry instead:
 Both consumers and the producer walk the same run list (schedule.py, at the CTA's ``2 * block_q``
 rows), so every barrier sees the same number of phases in every warpgroup even when a run is empty.
 Interior runs skip the element mask; edge runs (and every run when segment ids are given) evaluate
-the head's full predicate: OR over its intervals of ``lo <= i - j < hi`` (and equal segment ids).
+the head's full predicate: OR over its intervals of ``lo <= i - j < hi`` (and equal segment ids), or,
+when the bands are wide and apart enough that each edge tile crosses one boundary, that one compare
+(:meth:`Plan.edge_masks`).
 
 Outputs: ``O [B, q_pad, H, Dp]`` in the input dtype and the base-2 log-sum-exp
 ``lse2 [B, H, q_pad]`` (``m + log2 l`` of the logits scaled by ``scale * log2 e``), which the backward
@@ -197,8 +199,8 @@ def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool
     Record ``i`` of the work list (heaviest first) holds ``b, h, tile``, then the unit's ``3 slots``
     ``(start, stop)`` runs, then its head's ``slots`` ``(lo, hi)`` intervals, then the ``3 slots`` edge
     bounds (:func:`schedule.edge_bounds`): everything a unit reads, in one cache line (two for more
-    than two intervals per head) and with no dependent load (a work list indexing a run table costs two global
-    round trips per unit). ``block_q`` / ``block_k`` are the tiles the schedule is cut at: the
+    than two intervals per head) and with no dependent load (a work list indexing a run table costs
+    two global round trips per unit). ``block_q`` / ``block_k`` are the tiles the schedule is cut at: the
     CTA's tile on its own axis (both consumer warpgroups together) and the pipelined tile.
     """
     runs = common.run_table(plan.intervals, block_q, block_k, plan.q_len, plan.kv_len, transpose)
