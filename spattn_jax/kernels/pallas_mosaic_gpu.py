@@ -164,21 +164,17 @@ class Plan:
         """Static element mask of each run of the schedule: ``None`` (interior: no mask) or ``(kind, run)``.
 
         ``"full"`` evaluates the head's whole predicate (OR over its intervals, two compares each);
-        ``"lt"`` / ``"ge"`` compare the distance with the run's one boundary (``dist < hi`` on the far
-        edge of an interval, ``dist >= lo`` on the near one; the bound is in the work record), which
+        ``"lt"`` / ``"ge"`` compare the distance with the run's one boundary
+        (:func:`schedule.edge_compares`; the bound is in the work record), which
         :meth:`one_sided_edges` allows; ``"segments"``: an interior run that only segment ids mask.
-        Forward runs take a head's intervals farthest first and ascend in keys (far edge first); the
-        transposed runs take them nearest first and ascend in queries (near edge first).
         """
         one_sided = self.one_sided_edges(span)
-        first, last = ("ge", "lt") if transpose else ("lt", "ge")
         kinds = []
-        for run in range(schedule.RUNS_PER_INTERVAL * self.slots):
-            edge = run % schedule.RUNS_PER_INTERVAL
-            if edge == 1:
+        for run, compare in enumerate(schedule.edge_compares(self.slots, transpose)):
+            if compare is None:
                 kinds.append(("segments", run) if self.segments else None)
             else:
-                kinds.append((first if edge == 0 else last, run) if one_sided else ("full", run))
+                kinds.append((compare if one_sided else "full", run))
         return tuple(kinds)
 
 

@@ -163,7 +163,19 @@ def _partition(first, stop, inner_first, inner_stop):
 
 def run_is_masked(slots: int) -> tuple[bool, ...]:
     """Static per-run flag: edge runs mask elements, interior runs do not."""
-    return (True, False, True) * slots
+    return tuple(c is not None for c in edge_compares(slots, transpose=False))
+
+
+def edge_compares(slots: int, transpose: bool) -> tuple[str | None, ...]:
+    """Per run, the one compare its tiles need when each edge tile crosses a single boundary:
+    ``"lt"`` (``dist < hi``) on an interval's far edge, ``"ge"`` (``dist >= lo``) on its near edge,
+    ``None`` on interior runs.
+
+    Forward runs take a head's intervals farthest first and ascend in keys (far edge first); the
+    transposed runs take them nearest first and ascend in queries (near edge first).
+    """
+    first, last = ("ge", "lt") if transpose else ("lt", "ge")
+    return (first, None, last) * slots
 
 
 def _runs(triples, num_tiles: int) -> np.ndarray:
@@ -255,17 +267,15 @@ def interval_table(intervals: Sequence[Sequence[Interval]], slots: int | None = 
 
 
 def edge_bounds(intervals: Sequence[Sequence[Interval]], slots: int, transpose: bool) -> np.ndarray:
-    """``int32 [H, 3 * slots]``: the one boundary each run's edge tiles cross (0 on interior runs).
-
-    Forward runs (intervals farthest first, keys ascending): ``hi`` on an interval's first edge run,
-    ``lo`` on its last. Transposed runs (nearest first, queries ascending): ``lo`` first, ``hi`` last.
-    """
+    """``int32 [H, 3 * slots]``: the boundary each run's :func:`edge_compares` compare reads (``hi`` for
+    ``"lt"``, ``lo`` for ``"ge"``; 0 on interior runs)."""
+    compares = edge_compares(slots, transpose)
     table = np.zeros((len(intervals), RUNS_PER_INTERVAL * slots), np.int32)
     for h, head in enumerate(intervals):
         for s, (lo, hi) in enumerate(head if transpose else reversed(head)):
-            first, last = (lo, hi) if transpose else (hi, lo)
-            table[h, RUNS_PER_INTERVAL * s] = first
-            table[h, RUNS_PER_INTERVAL * s + RUNS_PER_INTERVAL - 1] = last
+            for r in range(RUNS_PER_INTERVAL * s, RUNS_PER_INTERVAL * (s + 1)):
+                if compares[r] is not None:
+                    table[h, r] = hi if compares[r] == "lt" else lo
     return table
 
 
