@@ -7,7 +7,7 @@
 #   tests  pytest tests/kernels/test_kernels.py -k <backend> for each of $TESTS_K (default "mosaic triton")
 #          on the GPU (HYPOTHESIS_PROFILE=gpu, verbose, slowest 5) -> $OUT/gpu_tests_<backend>.log
 #   sweep  bench/mgpu_dev.py time at $SWEEP_SHAPES (default 2x8192), both masks, over $SWEEP_CONFIGS (JSON list of
-#          Config options) for each setmaxnreg split in $SWEEP_REGS (producer,consumer; "" = the default),
+#          Config options; an "_env" dict in one sets variables while it is traced) for each setmaxnreg split in $SWEEP_REGS (producer,consumer; "" = the default),
 #          with ptxas' register/spill report -> $OUT/sweep_<regs>.log (GPU ms per kernel from the profiler)
 #   stress bench/mgpu_dev.py stress at 1x2048, both masks, $STRESS_ITERS iterations of fresh data against the
 #          fp32 reference (split and joint calls, hang watchdog) -> $OUT/stress_<mask>.log

@@ -17,6 +17,8 @@ Stages (``python bench/mgpu_dev.py STAGE [options]``):
   on) and exits with code 3. Prints one ``RESULT`` line (passes / fails / hangs).
 * ``profile``: each kernel (forward, dQ, dK/dV) launched once per mask, for ``ncu`` or the Mosaic GPU
   dump variables (``MOSAIC_GPU_DUMP_PTXAS`` / ``_SASS``); bench/mgpu_diag.sh drives it.
+* ``trace``: Mosaic GPU's in-kernel profiler (``SPATTN_MGPU_TRACE``) on each kernel, one call per mask:
+  where each warpgroup's cycles go (waits, matmuls, softmax, epilogues), per scope of the kernels.
 * ``protocol`` (CPU, no GPU): simulates the barrier protocol of all three kernels from their traced
   jaxprs (every warpgroup of every CTA interprets the kernel's scalar control flow; a random scheduler
   interleaves them and the TMA engine; mbarriers with per-waiter parity as on sm90) and reports
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gzip
 import json
 import os
 import random
@@ -196,6 +199,14 @@ def fns(impl: str, variant: str, options: dict):
     return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
+def restore_env(saved: dict) -> None:
+    for key, val in saved.items():
+        if val is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = val
+
+
 def stage_time(args) -> list:
     rows = []
     configs = json.loads(args.configs) if args.configs else [{}]
@@ -206,10 +217,18 @@ def stage_time(args) -> list:
         entries += [("mgpu", var, cfg) for cfg in configs for var in args.masks.split(",")]
         for impl, variant, cfg in entries:
             rec = dict(impl=impl, variant=variant, shape=f"{batch}x{n}", options=cfg)
+            # "_env": environment variables the kernels read at trace time (diagnostic switches),
+            # set while this entry is traced, so A/B variants of the code run in one process.
+            cfg = dict(cfg)
+            env = cfg.pop("_env", {})
+            saved = {key: os.environ.get(key) for key in env}
             try:
+                os.environ.update({key: str(val) for key, val in env.items()})
                 f, fb = fns(impl, variant, cfg)
                 t0 = time.perf_counter()
                 jax.block_until_ready(fb(q, k, v, do))
+                jax.block_until_ready(f(q, k, v))
+                restore_env(saved)
                 rec["compile_s"] = round(time.perf_counter() - t0, 1)
                 rec["fwd"] = time_jax(f, q, k, v, iters=args.iters)
                 rec["fwd_bwd"] = time_jax(fb, q, k, v, do, iters=args.iters)
@@ -218,6 +237,7 @@ def stage_time(args) -> list:
                 rec["fwd_bwd_tflops"] = 3.5 * ff / (rec["fwd_bwd"]["ms"] * 1e-3) / 1e12
             except Exception as e:  # noqa: BLE001
                 rec["error"] = short(e)
+                restore_env(saved)
             rows.append(rec)
             if "error" in rec:
                 log(f"time {impl} {variant} {batch}x{n} {cfg}: ERROR {rec['error']}")
@@ -436,6 +456,103 @@ def stage_profile(args) -> list:
             rows.append(rec)
             log(f"profile {variant:22s} {batch}x{n} fwd {rec['fwd_ms']:.3f} dq {rec['dq_ms']:.3f} "
                 f"dkv {rec['dkv_ms']:.3f} ms (synced, first calls)")
+    return rows
+
+
+def summarize_trace(path: Path) -> dict:
+    """Per-warpgroup totals of one Mosaic GPU profiler trace (``SPATTN_MGPU_TRACE``).
+
+    Events carry SM clock cycles (``ts * 1e3`` within one warpgroup's track). For consumers
+    (warpgroups 0, 1) and the producer (2) separately: per scope the mean count, mean cycles per
+    occurrence and mean total per warpgroup track, its share of the track's span, and the share
+    left outside every scope; plus the mean and max span (first to last event) over tracks.
+    """
+    events = json.loads(path.read_text())["traceEvents"]
+    tracks: dict = {}
+    for e in events:
+        tracks.setdefault(e["tid"], []).append(e)
+    out = {}
+    for role, wgs in (("consumer", (0, 1)), ("producer", (2,))):
+        spans, totals, counts = [], {}, {}
+        for tid, evs in tracks.items():
+            if (tid - 1) % 3 not in wgs:
+                continue
+            stack, scoped = [], 0.0
+            for e in evs:
+                t = e["ts"] * 1e3
+                if e["ph"] == "B":
+                    stack.append((e["name"], t))
+                    continue
+                name, t0 = stack.pop()
+                if name == "Init":
+                    continue
+                totals[name] = totals.get(name, 0.0) + (t - t0)
+                counts[name] = counts.get(name, 0) + 1
+                if not stack or stack[-1][0] == "Init":
+                    scoped += t - t0
+            first = min(e["ts"] for e in evs if e["name"] != "Init") * 1e3
+            last = max(e["ts"] for e in evs if e["name"] != "Init") * 1e3
+            spans.append(last - first)
+            totals["(outside scopes)"] = totals.get("(outside scopes)", 0.0) + (last - first - scoped)
+        n = max(len(spans), 1)
+        mean_span = float(np.mean(spans)) if spans else 0.0
+        out[role] = dict(
+            tracks=len(spans), span_cycles_mean=mean_span, span_cycles_max=float(np.max(spans)) if spans else 0.0,
+            scopes={k: dict(count=counts.get(k, 0) / n, cycles_each=v / max(counts.get(k, 1), 1),
+                            cycles_total=v / n, share=v / n / max(mean_span, 1.0))
+                    for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+        )
+    return out
+
+
+def stage_trace(args) -> list:
+    """Mosaic GPU in-kernel profiler traces of the forward, dQ and dK/dV kernels, one call each.
+
+    ``SPATTN_MGPU_TRACE`` is set per kernel before it is traced, so each call dumps its own trace into
+    ``<out>/traces/<mask>_<kernel>/``; the summary (:func:`summarize_trace`) is printed and returned.
+    The untraced kernels are timed in the same process (GPU µs per kernel) for the cycle-to-µs scale.
+    """
+    batch, n = (int(x) for x in args.shapes.split(",")[0].split("x"))
+    options = json.loads(args.options) if args.options else {}
+    rows = []
+    for variant in args.masks.split(","):
+        q, k, v, do = make_inputs(batch, n)
+        plain = split_fns(batch, n, variant, options)
+        out_, l2 = plain["fwd"](q, k, v)
+        _, dl = plain["dq"](q, k, v, do, l2, out_)
+        calls = dict(fwd=(q, k, v), dq=(q, k, v, do, l2, out_), dkv=(q, k, v, do, l2, dl))
+        for kernel, call_args in calls.items():
+            rec = dict(variant=variant, shape=f"{batch}x{n}", kernel=kernel, options=options)
+            rec["time"] = time_jax(plain[kernel], *call_args, iters=args.iters)
+            folder = Path(args.out) / "traces" / f"{variant}_{batch}x{n}_{kernel}"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            os.environ["SPATTN_MGPU_TRACE"] = str(folder)
+            try:
+                traced = split_fns(batch, n, variant, options)[kernel]
+                jax.block_until_ready(traced(*call_args))
+                jax.effects_barrier()
+                trace = sorted(folder.glob("*.json"))[-1]
+                rec["summary"] = summarize_trace(trace)
+                with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:  # perfetto opens .json.gz
+                    shutil.copyfileobj(src, dst)
+                trace.unlink()
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = short(e)
+            finally:
+                os.environ.pop("SPATTN_MGPU_TRACE", None)
+            rows.append(rec)
+            gpu = rec["time"].get("ms_gpu")
+            log(f"trace {variant} {batch}x{n} {kernel}: GPU {gpu if gpu is None else round(1e3 * gpu, 1)} µs")
+            if "error" in rec:
+                log(f"  ERROR {rec['error']}")
+                continue
+            for role, summ in rec["summary"].items():
+                log(f"  {role}: {summ['tracks']} tracks, span mean {summ['span_cycles_mean']:.0f} max "
+                    f"{summ['span_cycles_max']:.0f} cycles")
+                for name, sc in summ["scopes"].items():
+                    log(f"    {name:18s} x{sc['count']:6.1f}  {sc['cycles_each']:8.0f} cyc each  "
+                        f"{sc['cycles_total']:9.0f} total  {100 * sc['share']:5.1f}%")
     return rows
 
 
@@ -1010,12 +1127,13 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("check", "time", "big", "stress", "profile", "protocol", "ncusum"))
+    p.add_argument("stage", choices=("check", "time", "big", "stress", "profile", "trace", "protocol", "ncusum"))
     p.add_argument("--cases", default="", help="comma list of CASES indices (check)")
     p.add_argument("--case-json", default="", help="JSON list of cases (check), replacing --cases")
     p.add_argument("--shapes", default="2x8192")
     p.add_argument("--masks", default="spattention,spattention_exclusive")
-    p.add_argument("--configs", default="", help="JSON list of option dicts (time)")
+    p.add_argument("--configs", default="", help='JSON list of option dicts (time); an "_env" dict in one sets '
+                   "environment variables while that entry is traced (diagnostic switches)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-cudnn", action="store_true")
     p.add_argument("--options", default="", help="JSON option dict (stress, profile; protocol: replaces its list)")
@@ -1043,6 +1161,8 @@ def main(argv=None) -> int:
         rows = stage_stress(args)
     elif args.stage == "profile":
         rows = stage_profile(args)
+    elif args.stage == "trace":
+        rows = stage_trace(args)
     elif args.stage == "protocol":
         rows = stage_protocol(args)
     elif args.stage == "ncusum":

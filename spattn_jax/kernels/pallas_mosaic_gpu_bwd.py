@@ -105,10 +105,12 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
                 return ok
 
             def body(t, carry, *, masked):
+                sfx = "_m" if masked else ""  # profiler scopes of edge tiles
                 dq_acc, lse, delta, step = carry
                 slot = lax.rem(step, stages)
-                plgpu.barrier_wait(k_ready.at[slot])
-                plgpu.barrier_wait(v_ready.at[slot])
+                with jax.named_scope("wait_kv"):
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
 
                 release = functools.partial(plgpu.barrier_arrive, v_free.at[slot])
 
@@ -120,17 +122,20 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
 
                 def work(dq_acc):
                     zeros = plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), WGMMA)
-                    s, dp = pl.run_state(compute_s_dp)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                    with jax.named_scope("s_dp" + sfx):
+                        s, dp = pl.run_state(compute_s_dp)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
                     release()
-                    p = jnp.exp2(s * coef - bcast_rows(lse, s.shape))
-                    if masked:
-                        p = jnp.where(allowed(t, masked), p, 0.0)
-                    ds = p * (dp - bcast_rows(delta, dp.shape))
+                    with jax.named_scope("ds" + sfx):
+                        p = jnp.exp2(s * coef - bcast_rows(lse, s.shape))
+                        if masked:
+                            p = jnp.where(allowed(t, masked), p, 0.0)
+                        ds = (p * (dp - bcast_rows(delta, dp.shape))).astype(dtype)
 
                     def compute_dq(acc_ref):
-                        plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+                        plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
 
-                    return pl.run_state(compute_dq)(plgpu.ACC.init(dq_acc))
+                    with jax.named_scope("dq_mm" + sfx):
+                        return pl.run_state(compute_dq)(plgpu.ACC.init(dq_acc))
 
                 def skip(dq_acc):
                     release()
@@ -146,24 +151,27 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
                 return dq_acc, lse, delta, step + 1
 
             busy = count_tiles(runs) > 0
-            wait_unless(jnp.logical_not(busy), rows_ready.at[wg])
-            lse = load_vec(lse_smem2.at[wg], ROW)
-            # An empty unit loaded no rows (its buffers hold another unit's): the select writes 0.
-            # Padded rows: dO is 0 and O finite (the forward writes every row), so delta is 0.
-            prod = o_smem[...].astype(jnp.float32) * do_smem[...].astype(jnp.float32)
-            delta = jnp.where(busy, prod.sum(axis=1), 0.0)
+            with jax.named_scope("wait_rows"):
+                wait_unless(jnp.logical_not(busy), rows_ready.at[wg])
+            with jax.named_scope("delta"):
+                lse = load_vec(lse_smem2.at[wg], ROW)
+                # An empty unit loaded no rows (its buffers hold another unit's): the select writes 0.
+                # Padded rows: dO is 0 and O finite (the forward writes every row), so delta is 0.
+                prod = o_smem[...].astype(jnp.float32) * do_smem[...].astype(jnp.float32)
+                delta = jnp.where(busy, prod.sum(axis=1), 0.0)
             dq_acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
             dq_acc, _, delta, step = loop_runs(runs, flags, body, (dq_acc, lse, delta, step))
             # Releasing the rows right after the last S/dP matmul instead measured no faster (H100).
             arrive_if(busy, rows_free.at[wg])  # only busy units: see the forward's q_free
 
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dQ and delta left staging
-            dq_smem[...] = (dq_acc * plan.scale).astype(dtype)
-            delta_smem2.at[wg][...] = delta
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h], commit_group=False)
-            plgpu.copy_smem_to_gmem(delta_smem2.at[wg], delta_ref.at[b, h, rows], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
+            with jax.named_scope("epilogue"):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dQ and delta left staging
+                dq_smem[...] = (dq_acc * plan.scale).astype(dtype)
+                delta_smem2.at[wg][...] = delta
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, rows, h], commit_group=False)
+                plgpu.copy_smem_to_gmem(delta_smem2.at[wg], delta_ref.at[b, h, rows], commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
             return step
 
         item_loop(num_items, num_ctas, one_item, jnp.int32(0))
@@ -183,7 +191,8 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
 
                 @pl.when(busy)  # an empty unit writes zeros and needs no rows
                 def _():
-                    wait_unless(loaded == 0, rows_free.at[w])
+                    with jax.named_scope("p_wait_rows"):
+                        wait_unless(loaded == 0, rows_free.at[w])
                     # Four copies arrive on one barrier (num_arrivals=4).
                     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], rows_ready.at[w])
                     plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem2.at[w], rows_ready.at[w])
@@ -286,10 +295,12 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                 return ok
 
             def body(t, carry, *, masked):
+                sfx = "_m" if masked else ""  # profiler scopes of edge tiles
                 dk_acc, dv_acc, step = carry
                 slot = lax.rem(step, stages)
-                plgpu.barrier_wait(q_ready.at[slot])
-                plgpu.barrier_wait(do_ready.at[slot])
+                with jax.named_scope("wait_q"):
+                    plgpu.barrier_wait(q_ready.at[slot])
+                    plgpu.barrier_wait(do_ready.at[slot])
 
                 def compute_st_dpt(acc_refs):
                     # S^T = K Q^T and dP^T = V dO^T issued together: one wait for both.
@@ -300,13 +311,15 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                 def work(accs):
                     dk_acc, dv_acc = accs
                     zeros = plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32), WGMMA)
-                    st, dpt = pl.run_state(compute_st_dpt)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-                    lse = load_vec(lse_smem.at[slot], COL)
-                    delta = load_vec(delta_smem.at[slot], COL)
-                    pt = jnp.exp2(st * coef - bcast_cols(lse, st.shape))
-                    if masked:
-                        pt = jnp.where(allowed(t, masked), pt, 0.0)
-                    dst = pt * (dpt - bcast_cols(delta, dpt.shape))
+                    with jax.named_scope("st_dpt" + sfx):
+                        st, dpt = pl.run_state(compute_st_dpt)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                    with jax.named_scope("ds" + sfx):
+                        lse = load_vec(lse_smem.at[slot], COL)
+                        delta = load_vec(delta_smem.at[slot], COL)
+                        pt = jnp.exp2(st * coef - bcast_cols(lse, st.shape))
+                        if masked:
+                            pt = jnp.where(allowed(t, masked), pt, 0.0)
+                        dst = pt * (dpt - bcast_cols(delta, dpt.shape))
 
                     def compute_dv_dk(acc_refs):
                         # dV += P^T dO and dK += dS^T Q issued together.
@@ -314,7 +327,8 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                         plgpu.wgmma(dv_acc_ref, pt.astype(dtype), do_smem.at[slot])
                         plgpu.wgmma(dk_acc_ref, dst.astype(dtype), q_smem.at[slot])
 
-                    dv_acc, dk_acc = pl.run_state(compute_dv_dk)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(dk_acc)))
+                    with jax.named_scope("dv_dk" + sfx):
+                        dv_acc, dk_acc = pl.run_state(compute_dv_dk)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(dk_acc)))
                     return dk_acc, dv_acc
 
                 if masked:
@@ -329,19 +343,21 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
 
             zero = lambda: plgpu.layout_cast(jnp.zeros((bk, dim), jnp.float32), WGMMA)  # noqa: E731
             busy = count_tiles(runs) > 0
-            wait_unless(jnp.logical_not(busy), keys_ready.at[wg])
+            with jax.named_scope("wait_keys"):
+                wait_unless(jnp.logical_not(busy), keys_ready.at[wg])
             dk_acc, dv_acc, step = loop_runs(runs, flags, body, (zero(), zero(), step))
             # Releasing K/V right after the last S^T/dP^T matmul instead measured slower (H100, SPA-default
             # dK/dV 418 -> 543 us: more register spills).
             arrive_if(busy, keys_free.at[wg])  # only busy units: see the forward's q_free
 
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dK/dV left staging
-            dk_smem[...] = (dk_acc * plan.scale).astype(dtype)
-            dv_smem[...] = dv_acc.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, keys, h], commit_group=False)
-            plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, keys, h], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
+            with jax.named_scope("epilogue"):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dK/dV left staging
+                dk_smem[...] = (dk_acc * plan.scale).astype(dtype)
+                dv_smem[...] = dv_acc.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, keys, h], commit_group=False)
+                plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, keys, h], commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
             return step
 
         item_loop(num_items, num_ctas, one_item, jnp.int32(0))
@@ -361,7 +377,8 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
 
                 @pl.when(busy)  # keys no query sees get dK = dV = 0 and need no loads
                 def _():
-                    wait_unless(loaded == 0, keys_free.at[w])
+                    with jax.named_scope("p_wait_keys"):
+                        wait_unless(loaded == 0, keys_free.at[w])
                     plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem2.at[w], keys_ready.at[w])
                     plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem2.at[w], keys_ready.at[w])
 
@@ -369,10 +386,12 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                 del masked
                 slot = lax.rem(step, stages)
                 rows = pl.ds(t * bq, bq)
-                wait_unless(step < stages, q_free.at[slot])
+                with jax.named_scope("p_wait_q"):
+                    wait_unless(step < stages, q_free.at[slot])
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_ready.at[slot])
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], q_ready.at[slot])
-                wait_unless(step < stages, do_free.at[slot])
+                with jax.named_scope("p_wait_do"):
+                    wait_unless(step < stages, do_free.at[slot])
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_ready.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], do_ready.at[slot])
                 return step + 1

@@ -75,8 +75,18 @@ _LOAD_TAKES_IDX = inspect.signature(plgpu.load).parameters["idx"].default is ins
 
 
 def compiler_params() -> plgpu.CompilerParams:
-    """Approximate exp2/log and Lane semantics (explicit: JAX 0.11 defaults to Warpgroup)."""
-    return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+    """Approximate exp2/log and Lane semantics (explicit: JAX 0.11 defaults to Warpgroup).
+
+    ``SPATTN_MGPU_TRACE=DIR`` (diagnosis only) turns on Mosaic GPU's in-kernel profiler: every
+    warpgroup records the clock at the ``jax.named_scope`` regions of the kernels into shared memory
+    (``SPATTN_MGPU_TRACE_SPACE`` regions per warpgroup, 16 B each), dumped as a trace per call into
+    ``DIR``; ``bench/mgpu_dev.py trace`` reads them.
+    """
+    trace = {}
+    if os.environ.get("SPATTN_MGPU_TRACE"):
+        space = int(os.environ.get("SPATTN_MGPU_TRACE_SPACE", "400"))
+        trace = dict(profile_space=space, profile_dir=os.environ["SPATTN_MGPU_TRACE"])
+    return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane, **trace)
 
 
 def tiled_smem(shape, dtype) -> plgpu.SMEM:
@@ -265,20 +275,39 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
                 return ok
 
             def body(t, carry, *, masked):
+                sfx = "_m" if masked else ""  # profiler scopes of edge tiles
                 acc, m_i, l_i, step = carry
                 slot = lax.rem(step, stages)
-                plgpu.barrier_wait(k_ready.at[slot])
+                with jax.named_scope("wait_k"):
+                    plgpu.barrier_wait(k_ready.at[slot])
 
                 def compute_qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     schedule_sync()  # the other warpgroup's softmax runs under this matmul
                     return acc_ref[...]
 
-                s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), jnp.float32))
+                with jax.named_scope("qk" + sfx):
+                    s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 # The unit's last Q K^T is done: the producer may load the next unit's Q now, under
                 # this tile's softmax, P V and the epilogue, instead of after them.
                 arrive_if(step == last_step, q_free.at[wg])
+                with jax.named_scope("softmax" + sfx):
+                    acc, m_new, l_i, p16 = softmax(t, s, acc, m_i, l_i, masked)
+                with jax.named_scope("sync_v" + sfx):
+                    plgpu.barrier_arrive(sched)
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.barrier_wait(sched)
+
+                def compute_pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                with jax.named_scope("pv" + sfx):
+                    acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i, step + 1
+
+            def softmax(t, s, acc, m_i, l_i, masked):
                 if masked:
                     s = jnp.where(allowed(t, masked), s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1) * coef)
@@ -293,16 +322,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
                 # Ordering that attention_mgpu found fastest for head_dim <= 128: finish the softmax,
                 # then release the tensor core to the other warpgroup.
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                plgpu.barrier_arrive(sched)
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(sched)
-
-                def compute_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i, step + 1
+                return acc, m_new, l_i, p16
 
             acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
             m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), ROW)
@@ -312,9 +332,14 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             # waited for its Q, so arriving there would let this side run two phases ahead of the
             # producer's parity wait (a deadlock).
             last_step = step + tiles - 1
-            wait_unless(tiles == 0, q_ready.at[wg])
+            with jax.named_scope("wait_q"):
+                wait_unless(tiles == 0, q_ready.at[wg])
             acc, m_i, l_i, step = loop_runs(runs, flags, body, (acc, m_i, l_i, step))
+            with jax.named_scope("epilogue"):
+                epilogue(b, h, row0, acc, m_i, l_i)
+            return step
 
+        def epilogue(b, h, row0, acc, m_i, l_i):
             empty = l_i == 0.0
             l_safe = jnp.where(empty, 1.0, l_i)
             acc = acc * bcast_rows(1.0 / l_safe, acc.shape)
@@ -327,7 +352,6 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(row0, bq), h], commit_group=False)
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(row0, bq)], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
-            return step
 
         pl.when(wg == 1)(schedule_sync)  # stagger: warpgroup 1 starts one phase behind
         item_loop(num_items, num_ctas, one_item, jnp.int32(0))
@@ -347,7 +371,8 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             def load_q(w):
                 # This unit's Q half ``w``, once warpgroup ``w`` released the previous busy unit's Q.
                 rows = pl.ds(q_tile * (COMPUTE_WGS * bq) + w * bq, bq)
-                wait_unless(loaded == 0, q_free.at[w])
+                with jax.named_scope("p_wait_q"):
+                    wait_unless(loaded == 0, q_free.at[w])
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], q_ready.at[w])
 
             # Warpgroup 0's Q first, warpgroup 1's only after the unit's first K/V tile. The ping-pong
@@ -395,9 +420,11 @@ def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, sta
         del masked
         slot = lax.rem(step, stages)
         tile = (b, pl.ds(t * block_k, block_k), kv_head)
-        wait_unless(step < stages, k_free.at[slot])
+        with jax.named_scope("p_wait_k"):
+            wait_unless(step < stages, k_free.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
-        wait_unless(step < stages, v_free.at[slot])
+        with jax.named_scope("p_wait_v"):
+            wait_unless(step < stages, v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
         if after_first_tile is not None:
             pl.when(step == first)(after_first_tile)

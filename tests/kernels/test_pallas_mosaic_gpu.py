@@ -377,3 +377,85 @@ def test_auto_picks_mosaic_on_hopper_for_inputs_it_takes(monkeypatch):
     assert attn.resolve("auto", bf16, interpret=True) == "pallas_triton"
     monkeypatch.setattr(mg, "is_supported", lambda: False)  # e.g. an sm80 device reported as sm90
     assert attn.resolve("auto", bf16) == "pallas_triton"
+
+
+# -- in-kernel profiler (bench/mgpu_dev.py trace) ----------------------------------------------------
+
+
+def _mgpu_dev():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "mgpu_dev.py"
+    spec = importlib.util.spec_from_file_location("mgpu_dev", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trace_switch_turns_on_the_profiler_only_when_set(monkeypatch, tmp_path):
+    from spattn_jax.kernels import pallas_mosaic_gpu_fwd as fwd
+
+    monkeypatch.delenv("SPATTN_MGPU_TRACE", raising=False)
+    assert fwd.compiler_params().profile_space == 0
+    monkeypatch.setenv("SPATTN_MGPU_TRACE", str(tmp_path))
+    monkeypatch.setenv("SPATTN_MGPU_TRACE_SPACE", "123")
+    params = fwd.compiler_params()
+    assert (params.profile_space, params.profile_dir) == (123, str(tmp_path))
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkv"])
+def test_every_kernel_lowers_with_its_profiler_scopes(kernel, monkeypatch, tmp_path):
+    """With ``SPATTN_MGPU_TRACE`` set, each kernel lowers to Mosaic GPU with the profiler's shared
+    memory on top of its own and records the scopes ``mgpu_dev.py trace`` reports (only the host
+    callback that dumps the trace needs a GPU backend, so lowering stops there on a CPU)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    seen = set()
+    intern = profiler.ProfilerSpec.intern_name
+    monkeypatch.setattr(profiler.ProfilerSpec, "intern_name", lambda self, name: seen.add(name) or intern(self, name))
+    monkeypatch.setenv("SPATTN_MGPU_TRACE", str(tmp_path))
+    monkeypatch.setenv("SPATTN_MGPU_TRACE_SPACE", "450")
+    f = _mgpu_dev().split_fns(1, 1024, "spattention", {}, heads=8)[kernel]
+    x = jax.ShapeDtypeStruct((1, 1024, 8, 128), jnp.bfloat16)
+    vec = jax.ShapeDtypeStruct((1, 8, 1024), jnp.float32)
+    args = dict(fwd=(x, x, x), dq=(x, x, x, x, vec, x), dkv=(x, x, x, x, vec, vec))[kernel]
+    try:
+        f.trace(*args).lower(lowering_platforms=("cuda",))
+    except ValueError as e:  # the dump callback, after the kernel itself lowered
+        assert "platform" in str(e), e
+    expected = dict(
+        fwd={"wait_q", "wait_k", "qk", "qk_m", "softmax", "softmax_m", "sync_v", "pv", "epilogue", "p_wait_q", "p_wait_k"},
+        dq={"wait_rows", "delta", "wait_kv", "s_dp", "ds", "ds_m", "dq_mm", "epilogue", "p_wait_rows", "p_wait_k"},
+        dkv={"wait_keys", "wait_q", "st_dpt", "ds", "ds_m", "dv_dk", "epilogue", "p_wait_keys", "p_wait_q", "p_wait_do"},
+    )[kernel]
+    assert expected <= seen, expected - seen
+
+
+def test_trace_summary_splits_each_track_into_its_scopes(tmp_path):
+    """Per-scope counts and cycles, and the share outside every scope, on a hand-made trace: two
+    consumer tracks and one producer track of one CTA (ts in clock cycles / 1e3)."""
+    import json
+
+    events = []
+
+    def track(tid, spans):
+        events.extend([dict(name="Init", ph="B", ts=0.0, pid=1, tid=tid), dict(name="Init", ph="E", ts=0.001, pid=1, tid=tid)])
+        for name, start, stop in spans:
+            events.extend([dict(name=name, ph="B", ts=start / 1e3, pid=1, tid=tid),
+                           dict(name=name, ph="E", ts=stop / 1e3, pid=1, tid=tid)])
+
+    track(1, [("wait", 10, 110), ("mm", 110, 410), ("wait", 510, 560), ("mm", 560, 1010)])  # span 1000
+    track(2, [("wait", 10, 210), ("mm", 210, 1010)])  # span 1000, nothing outside
+    track(3, [("p_wait", 10, 510)])  # producer: span 500
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(dict(traceEvents=events)))
+    summary = _mgpu_dev().summarize_trace(path)
+    consumer, producer = summary["consumer"], summary["producer"]
+    assert consumer["tracks"] == 2 and consumer["span_cycles_mean"] == pytest.approx(1000)
+    assert consumer["scopes"]["wait"]["count"] == pytest.approx(1.5)
+    assert consumer["scopes"]["wait"]["cycles_total"] == pytest.approx((150 + 200) / 2)
+    assert consumer["scopes"]["mm"]["cycles_each"] == pytest.approx((300 + 450 + 800) / 3)
+    assert consumer["scopes"]["(outside scopes)"]["cycles_total"] == pytest.approx(100 / 2)
+    assert sum(s["share"] for s in consumer["scopes"].values()) == pytest.approx(1.0)
+    assert producer["tracks"] == 1 and producer["scopes"]["p_wait"]["share"] == pytest.approx(1.0)
