@@ -42,7 +42,7 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     ROW,
     WGMMA,
     _register_split,
-    edge_allowed,
+    tile_allowed,
     tile_reaches,
     stream_kv_tiles,
     bcast_cols,
@@ -95,14 +95,10 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             q_seg = load_vec(qseg_ref.at[b, rows], ROW, optimized=False) if plan.segments else None
 
             def allowed(t, masked):
-                r = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=WGMMA)
-                k = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=WGMMA)
-                ok = edge_allowed(r - k + (row0 + plan.q_offset - t * bk), masked, edges)
+                segments = None
                 if plan.segments:
-                    k_seg = load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False)
-                    same = bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk))
-                    ok = same if ok is None else ok & same
-                return ok
+                    segments = (q_seg, load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False))
+                return tile_allowed((bq, bk), row0 + plan.q_offset - t * bk, masked, edges, segments=segments)
 
             def body(t, carry, *, masked):
                 sfx = "_m" if masked else ""  # profiler scopes of edge tiles
@@ -284,15 +280,13 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
             k_seg = load_vec(kseg_ref.at[b, keys], ROW, optimized=False) if plan.segments else None
 
             def allowed(t, masked):
-                # Rows are keys, columns are queries: distance = query position - key position.
-                kr = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=WGMMA)
-                qc = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=WGMMA)
-                ok = edge_allowed(qc - kr + (t * bq + plan.q_offset - key0), masked, edges)
+                # Rows are keys, columns are queries.
+                segments = None
                 if plan.segments:
-                    q_seg = load_vec(qseg_ref.at[b, pl.ds(t * bq, bq)], COL, optimized=False)
-                    same = bcast_rows(k_seg, (bk, bq)) == bcast_cols(q_seg, (bk, bq))
-                    ok = same if ok is None else ok & same
-                return ok
+                    segments = (k_seg, load_vec(qseg_ref.at[b, pl.ds(t * bq, bq)], COL, optimized=False))
+                return tile_allowed(
+                    (bk, bq), t * bq + plan.q_offset - key0, masked, edges, transpose=True, segments=segments
+                )
 
             def body(t, carry, *, masked):
                 sfx = "_m" if masked else ""  # profiler scopes of edge tiles

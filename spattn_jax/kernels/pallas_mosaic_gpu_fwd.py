@@ -164,6 +164,23 @@ def edge_allowed(dist, masked, edges):
     return None
 
 
+def tile_allowed(shape, offset, masked, edges, *, transpose: bool = False, segments=None):
+    """``bool [rows, cols]`` of an edge tile in wgmma layout.
+
+    The distance (query position minus key position) is ``row - col + offset``, or ``col - row +
+    offset`` with ``transpose`` (dK/dV: rows are keys); :func:`edge_allowed` tests it. ``segments``:
+    ``(row_ids [rows] ROW, col_ids [cols] COL)`` document ids that must be equal, or ``None``.
+    """
+    r = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
+    c = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA)
+    ok = edge_allowed((c - r if transpose else r - c) + offset, masked, edges)
+    if segments is not None:
+        row_ids, col_ids = segments
+        same = bcast_rows(row_ids, shape) == bcast_cols(col_ids, shape)
+        ok = same if ok is None else ok & same
+    return ok
+
+
 def loop_runs(runs, masked_flags, body, carry):
     """``body(t, carry, masked=flag)`` over every tile of every run, in order."""
     for (start, stop), masked in zip(runs, masked_flags):
@@ -265,14 +282,10 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             q_seg = load_vec(qseg_ref.at[b, pl.ds(row0, bq)], ROW, optimized=False) if plan.segments else None
 
             def allowed(t, masked):
-                rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=WGMMA)
-                cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=WGMMA)
-                ok = edge_allowed(rows - cols + (row0 + plan.q_offset - t * bk), masked, edges)
+                segments = None
                 if plan.segments:
-                    k_seg = load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False)
-                    same = bcast_rows(q_seg, (bq, bk)) == bcast_cols(k_seg, (bq, bk))
-                    ok = same if ok is None else ok & same
-                return ok
+                    segments = (q_seg, load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False))
+                return tile_allowed((bq, bk), row0 + plan.q_offset - t * bk, masked, edges, segments=segments)
 
             def body(t, carry, *, masked):
                 sfx = "_m" if masked else ""  # profiler scopes of edge tiles
