@@ -565,8 +565,10 @@ def stage_trace(args) -> list:
 # every wait uses the *waiter's own* parity bit (Mosaic keeps one bit per barrier per thread, flipped
 # by each wait). Reported: deadlocks (nobody can move; which barrier each warpgroup waits on), parity
 # aliasing (a waiter two or more phases behind: it would pass or block on the wrong phase), a TMA
-# armed on a barrier phase that is already fully armed (transaction bytes of two phases mixed), and
-# TMA phases that no warpgroup waited for (a copy may land after the CTA moved on or exited).
+# armed on a barrier phase that is already fully armed (transaction bytes of two phases mixed),
+# TMA phases that no warpgroup waited for (a copy may land after the CTA moved on or exited), and
+# L2 prefetches (``Config.prefetch``) that no later TMA load of the CTA reads from (wasted traffic:
+# the prefetch named the wrong unit's rows).
 
 
 class _Unknown:
@@ -618,6 +620,41 @@ class _CtaState:
     def __init__(self):
         self.alloc = {}
         self.barriers = []
+        self.gmem = []  # ("load" | "prefetch", ref, ((start, size) per dim)) in issue order
+
+
+def _window(ref, transforms):
+    """``((start, size), ...)`` of the GMEM region a copy or prefetch names (an integer index is size 1)."""
+    out = []
+    for t in transforms:
+        for d in getattr(t, "indices", ()):
+            if isinstance(d, state_indexing.Slice):
+                start = d.start if isinstance(d.start, int) else _index(d.start, "copy start")
+                out.append((start, int(d.size)))
+            else:
+                out.append((_index(d, "copy index"), 1))
+    return tuple(out)
+
+
+def unused_prefetches(log) -> list:
+    """The prefetches of a CTA's GMEM log that no load reads inside of before the next prefetch of the
+    same tensor (each prefetch is for the CTA's *next* unit, whose loads come before its own prefetch)."""
+    unused = []
+    for i, (kind, ref, win) in enumerate(log):
+        if kind != "prefetch":
+            continue
+        hit = False
+        for k, r, w in log[i + 1 :]:
+            if r is not ref:
+                continue
+            if k == "prefetch":
+                break
+            if len(w) == len(win) and all(s0 <= s1 and s1 + n1 <= s0 + n0 for (s0, n0), (s1, n1) in zip(win, w)):
+                hit = True
+                break
+        if not hit:
+            unused.append(win)
+    return unused
 
 
 def _sub_jaxprs(eqn):
@@ -774,12 +811,22 @@ def _rule_barrier(kind):
 
 
 def _rule_copy_in(eqn, invals, ctx):
-    _, _, barrier, *flat = invals
+    src, _, barrier, *flat = invals
     p = eqn.params
     n_src, n_dst = p["src_transforms_treedef"].num_leaves, p["dst_transforms_treedef"].num_leaves
     transforms = jax.tree_util.tree_unflatten(p["barrier_transforms_treedef"], flat[n_src + n_dst :])
+    src_window = _window(src, jax.tree_util.tree_unflatten(p["src_transforms_treedef"], flat[:n_src]))
+    ctx.cta.gmem.append(("load", src, src_window))
     yield ("tma", barrier, _barrier_slot(barrier, transforms))
     return []
+
+
+def _rule_prefetch(eqn, invals, ctx):
+    ref, *flat = invals
+    ctx.cta.gmem.append(("prefetch", ref, _window(ref, jax.tree_util.tree_unflatten(
+        eqn.params["ref_transforms_treedef"], flat))))
+    return []
+    yield
 
 
 def _rule_axis_index(eqn, invals, ctx):
@@ -856,6 +903,7 @@ _RULES = {
     "barrier_arrive": _rule_barrier("arrive"),
     "barrier_wait": _rule_barrier("wait"),
     "copy_gmem_to_smem": _rule_copy_in,
+    "async_prefetch": _rule_prefetch,
     "axis_index": _rule_axis_index,
     "run_scoped": _rule_run_scoped,
     "cond": _rule_cond,
@@ -977,7 +1025,9 @@ def simulate_cta(kjaxpr, args, cta: int, num_threads: int, names, policy: str, s
                     waited = max((a["waits"].get((id(b), i), 0) for a in agents), default=0)
                     if b.phase[i] > waited:
                         problems.append(f"{b.name}[{i}]: {b.phase[i]} TMA phases, at most {waited} waited for")
-    return dict(deadlock=deadlock, problems=problems, events=sum(a["n"] for a in agents))
+        problems += [f"L2 prefetch of {w} that no later load reads" for w in unused_prefetches(st.gmem)]
+    prefetches = sum(kind == "prefetch" for kind, _, _ in st.gmem)
+    return dict(deadlock=deadlock, problems=problems, events=sum(a["n"] for a in agents), prefetches=prefetches)
 
 BARRIER_NAMES = dict(
     fwd=["q_ready", "q_free", "k_ready", "v_ready", "k_free", "v_free", "sched"],
@@ -1044,15 +1094,17 @@ def stage_protocol(args) -> list:
                     ctas = list(range(grid[0]))
                     if args.max_ctas and len(ctas) > args.max_ctas:  # a spread sample: heavy first, light last
                         ctas = sorted(set(np.linspace(0, grid[0] - 1, args.max_ctas).astype(int).tolist()))
-                    dead, probs, events = [], [], 0
+                    dead, probs, events, prefetches = [], [], 0, 0
                     for c in ctas:
                         for pi, pol in enumerate(policies):
                             r = simulate_cta(kj, kargs, c, nt, BARRIER_NAMES[name], pol, seed=1000 * c + pi)
                             events += r["events"]
+                            prefetches += r["prefetches"]
                             if r["deadlock"]:
                                 dead.append(dict(cta=c, policy=pol, waits=r["deadlock"]))
                             probs += [f"cta {c} {pol}: {p}" for p in r["problems"]]
-                    rec.update(grid=grid[0], ctas=len(ctas), events=events, deadlocks=len(dead), problems=len(probs),
+                    rec.update(grid=grid[0], ctas=len(ctas), events=events, prefetches=prefetches,
+                               deadlocks=len(dead), problems=len(probs),
                                first_deadlock=dead[0] if dead else None, first_problems=probs[:3])
                 except ProtocolError as e:
                     rec["error"] = str(e)

@@ -78,6 +78,9 @@ class Config:
         streaming the K tile that the ping-pong barrier needs first); fixed 2026-11-23, checked by
         the CPU protocol simulation (tests/kernels/test_pallas_mosaic_gpu.py) and on the H100
         (bench/NOTES_mgpu.md).
+      prefetch: a few tiles before each unit ends, the producer prefetches the CTA's next unit's rows
+        (Q; Q, dO, O, lse; K, V) into L2, so that their loads at the unit boundary, which the
+        consumers wait for, hit L2 instead of HBM.
     """
 
     block_q: int = 64
@@ -90,6 +93,7 @@ class Config:
     num_stages_bwd: int = 2
     lpt: bool = True
     num_ctas: int | None = None
+    prefetch: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -106,7 +110,7 @@ class Config:
         return dict(
             forward=(2 * wgs * self.block_q + 2 * self.num_stages * self.block_kv) * row + 4 * wgs * self.block_q,
             dq=(4 * wgs * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * row + 8 * wgs * self.block_q_dq,
-            dkv=(4 * wgs * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * row
+            dkv=(3 * wgs * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * row
             + 8 * self.num_stages_bwd * self.block_q_dkv,
         )
 

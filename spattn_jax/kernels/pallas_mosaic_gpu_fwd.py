@@ -67,6 +67,9 @@ def _register_split() -> tuple[int, int]:
     return producer, consumer
 
 
+PREFETCH_LEAD = 4  # tiles before a unit's end at which the producer prefetches the next unit's rows
+
+
 # JAX 0.10 requires plgpu.load's index argument; 0.11 deprecates it (index the ref instead).
 _LOAD_TAKES_IDX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
 
@@ -395,10 +398,10 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             # in every persistent CTA with two busy units; bench/NOTES_mgpu.md).
             pl.when(busy)(lambda: load_q(0))  # an empty unit writes zeros and needs no Q
             kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
-            step = stream_kv_tiles(
-                runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages,
-                after_first_tile=lambda: load_q(1),
-            )
+            unit_q = lambda b, h, tile: [q_ref.at[b, pl.ds(tile * (COMPUTE_WGS * bq), COMPUTE_WGS * bq), h]]  # noqa: E731
+            hooks = ((0, lambda: load_q(1)),)
+            hooks += prefetch_hook(c.prefetch, records_ref, item, num_items, num_ctas, unit, count_tiles(runs), unit_q)
+            step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
             return step, loaded + busy.astype(jnp.int32)
 
         item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
@@ -418,13 +421,13 @@ def wait_unless(skip, barrier):
         plgpu.barrier_wait(barrier)
 
 
-def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, stages: int, after_first_tile=None):
+def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, stages: int, hooks=()):
     """Producer side of the K/V ring: TMA-copy the K and V tiles of a unit's runs into ``stages`` slots.
 
     ``kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)``; ``step`` counts tiles
     streamed so far (the ring position). A slot is reused only after its consumers release it.
-    ``after_first_tile``, if given, runs once right after the unit's first K and V copies (never for
-    a unit without tiles). Returns the new ``step``.
+    ``hooks``: ``(index, fn)`` pairs; ``fn()`` runs once right after the K and V copies of the unit's
+    tile number ``index`` (a traced scalar; never for a unit without tiles). Returns the new ``step``.
     """
     k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free = kv
     first = step
@@ -439,11 +442,38 @@ def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, sta
         with jax.named_scope("p_wait_v"):
             wait_unless(step < stages, v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
-        if after_first_tile is not None:
-            pl.when(step == first)(after_first_tile)
+        run_hooks(hooks, step, first)
         return step + 1
 
     return loop_runs(runs, flags, body, step)
+
+
+def run_hooks(hooks, step, first):
+    """Run each ``(at, fn)`` of ``hooks`` whose ``at`` is the ring position ``step`` less the unit's ``first``."""
+    for at, fn in hooks:
+        pl.when(step == first if isinstance(at, int) and at == 0 else step == first + at)(fn)
+
+
+def prefetch_hook(prefetch: bool, records_ref, item, num_items: int, num_ctas: int, unit, tiles, slices):
+    """``(index, fn)``: prefetch into L2 the rows the CTA's next unit will load, ``PREFETCH_LEAD`` tiles
+    before this unit's end, or ``()`` when ``Config.prefetch`` is off.
+
+    ``slices(b, h, tile)`` gives the GMEM ref slices of that unit's rows. Its TMA loads then hit L2
+    instead of HBM at the unit boundary, where the consumers wait for them.
+    """
+    if not prefetch:
+        return ()
+    nxt = item + num_ctas
+
+    def fn():
+        b, h, tile, runs, _ = unit(jnp.minimum(nxt, num_items - 1))
+
+        @pl.when((nxt < num_items) & (count_tiles(runs) > 0))
+        def _():
+            for ref in slices(b, h, tile):
+                plgpu.async_prefetch(ref)
+
+    return ((jnp.maximum(tiles - PREFETCH_LEAD, 0), fn),)
 
 
 def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):

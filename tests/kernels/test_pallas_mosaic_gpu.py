@@ -359,6 +359,36 @@ def test_barrier_protocol_has_no_deadlock(num_ctas, tmp_path):
     assert result == ["RESULT protocol runs=12 bad=0"], proc.stdout[-3000:]
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_prefetch_names_the_rows_the_next_unit_loads(prefetch):
+    """``Config.prefetch``: every L2 prefetch a CTA issues covers rows that the CTA's next unit then
+    loads with TMA (before its own prefetch), in all three kernels; switched off, none is issued.
+
+    Simulated on the traced kernels (the protocol simulator logs each CTA's loads and prefetches in
+    issue order). Prefetching ``item + 2 G`` instead of the next item ``item + G`` fails this."""
+    dev = _mgpu_dev()
+    case = dev.CASES[2]  # 1 x 2048 EBALL, 16 heads: busy and empty units
+    for name, closed in dev.kernel_jaxprs(case, dict(num_ctas=3, prefetch=prefetch)).items():
+        kjaxpr, args, grid, threads = dev.find_kernel(closed)
+        for cta in range(grid[0]):
+            r = dev.simulate_cta(kjaxpr, args, cta, threads, dev.BARRIER_NAMES[name], "uniform", seed=cta)
+            assert r["deadlock"] is None and r["problems"] == [], (name, cta, r["problems"][:3])
+            assert (r["prefetches"] > 0) == prefetch, (name, cta, r["prefetches"])
+
+
+def test_unused_prefetch_check_flags_a_prefetch_that_no_load_reads():
+    dev = _mgpu_dev()
+    q, k = object(), object()
+    rows = lambda start, size: ((0, 1), (start, size), (0, 1), (0, 128))  # noqa: E731
+    used = [("prefetch", q, rows(128, 128)), ("load", q, rows(128, 64)), ("load", q, rows(192, 64))]
+    assert dev.unused_prefetches(used) == []
+    # The loads read other rows, another tensor, or come only after the next prefetch.
+    assert dev.unused_prefetches([("prefetch", q, rows(128, 128)), ("load", q, rows(256, 64))]) == [rows(128, 128)]
+    assert dev.unused_prefetches([("prefetch", q, rows(128, 128)), ("load", k, rows(128, 64))]) == [rows(128, 128)]
+    late = [("prefetch", q, rows(0, 128)), ("prefetch", q, rows(128, 128)), ("load", q, rows(0, 64))]
+    assert dev.unused_prefetches(late) == [rows(0, 128), rows(128, 128)]
+
+
 # -- implementation="auto" on Hopper ---------------------------------------------------------------
 
 
