@@ -623,19 +623,6 @@ class _CtaState:
         self.gmem = []  # ("load" | "prefetch", ref, ((start, size) per dim)) in issue order
 
 
-def _window(ref, transforms):
-    """``((start, size), ...)`` of the GMEM region a copy or prefetch names (an integer index is size 1)."""
-    out = []
-    for t in transforms:
-        for d in getattr(t, "indices", ()):
-            if isinstance(d, state_indexing.Slice):
-                start = d.start if isinstance(d.start, int) else _index(d.start, "copy start")
-                out.append((start, int(d.size)))
-            else:
-                out.append((_index(d, "copy index"), 1))
-    return tuple(out)
-
-
 def unused_prefetches(log) -> list:
     """The prefetches of a CTA's GMEM log that no load reads inside of before the next prefetch of the
     same tensor (each prefetch is for the CTA's *next* unit, whose loads come before its own prefetch)."""
@@ -771,16 +758,21 @@ def _index(x, what):
     return int(x)
 
 
-def _resolve(transforms, what):
-    """Integer indices of a chain of NDIndexers (full slices give 0)."""
-    idx = []
+def _window(transforms, what):
+    """``((start, size), ...)`` of a chain of NDIndexers (an integer index has size 1)."""
+    out = []
     for t in transforms:
         for d in getattr(t, "indices", ()):
             if isinstance(d, state_indexing.Slice):
-                idx.append(_index(d.start, what) if not isinstance(d.start, int) else d.start)
+                out.append((d.start if isinstance(d.start, int) else _index(d.start, what), int(d.size)))
             else:
-                idx.append(_index(d, what))
-    return idx
+                out.append((_index(d, what), 1))
+    return tuple(out)
+
+
+def _resolve(transforms, what):
+    """Integer indices of a chain of NDIndexers (full slices give 0)."""
+    return [start for start, _ in _window(transforms, what)]
 
 
 def _rule_get(eqn, invals, ctx):
@@ -815,7 +807,7 @@ def _rule_copy_in(eqn, invals, ctx):
     p = eqn.params
     n_src, n_dst = p["src_transforms_treedef"].num_leaves, p["dst_transforms_treedef"].num_leaves
     transforms = jax.tree_util.tree_unflatten(p["barrier_transforms_treedef"], flat[n_src + n_dst :])
-    src_window = _window(src, jax.tree_util.tree_unflatten(p["src_transforms_treedef"], flat[:n_src]))
+    src_window = _window(jax.tree_util.tree_unflatten(p["src_transforms_treedef"], flat[:n_src]), "copy source")
     ctx.cta.gmem.append(("load", src, src_window))
     yield ("tma", barrier, _barrier_slot(barrier, transforms))
     return []
@@ -823,8 +815,8 @@ def _rule_copy_in(eqn, invals, ctx):
 
 def _rule_prefetch(eqn, invals, ctx):
     ref, *flat = invals
-    ctx.cta.gmem.append(("prefetch", ref, _window(ref, jax.tree_util.tree_unflatten(
-        eqn.params["ref_transforms_treedef"], flat))))
+    window = _window(jax.tree_util.tree_unflatten(eqn.params["ref_transforms_treedef"], flat), "prefetch")
+    ctx.cta.gmem.append(("prefetch", ref, window))
     return []
     yield
 

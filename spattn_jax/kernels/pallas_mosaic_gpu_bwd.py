@@ -53,6 +53,7 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     bcast_rows,
     compiler_params,
     count_tiles,
+    cta_slice,
     item_loop,
     load_vec,
     loop_runs,
@@ -187,7 +188,8 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             step, loaded = carry
             b, h, q_tile, runs, _ = unit(item)
             kv_head = h // plan.groups
-            busy = count_tiles(runs) > 0
+            tiles = count_tiles(runs)
+            busy = tiles > 0
             for w in range(COMPUTE_WGS):
                 rows = row_slice(q_tile, w)
 
@@ -204,10 +206,10 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
 
             def unit_rows(b, h, tile):
-                cta_rows = pl.ds(tile * (COMPUTE_WGS * bq), COMPUTE_WGS * bq)
-                return [ref.at[b, cta_rows, h] for ref in (q_ref, do_ref, o_ref)] + [lse_ref.at[b, h, cta_rows]]
+                rows = cta_slice(tile, bq)
+                return [ref.at[b, rows, h] for ref in (q_ref, do_ref, o_ref)] + [lse_ref.at[b, h, rows]]
 
-            hooks = prefetch_hook(c.prefetch, records_ref, item, num_items, num_ctas, unit, count_tiles(runs), unit_rows)
+            hooks = prefetch_hook(c.prefetch, item, num_items, num_ctas, unit, tiles, unit_rows)
             step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
             return step, loaded + busy.astype(jnp.int32)
 
@@ -381,14 +383,14 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
             step, loaded = carry
             b, h, kv_tile, runs, _ = unit(item)
             kv_head = h // plan.groups
-            busy = count_tiles(runs) > 0
+            tiles = count_tiles(runs)
+            busy = tiles > 0
             first = step
 
             def unit_keys(b, h, tile):
-                cta_keys = pl.ds(tile * (COMPUTE_WGS * bk), COMPUTE_WGS * bk)
-                return [ref.at[b, cta_keys, h // plan.groups] for ref in (k_ref, v_ref)]
+                return [ref.at[b, cta_slice(tile, bk), h // plan.groups] for ref in (k_ref, v_ref)]
 
-            hooks = prefetch_hook(c.prefetch, records_ref, item, num_items, num_ctas, unit, count_tiles(runs), unit_keys)
+            hooks = prefetch_hook(c.prefetch, item, num_items, num_ctas, unit, tiles, unit_keys)
             for w in range(COMPUTE_WGS):
                 keys = key_slice(kv_tile, w)
 

@@ -136,6 +136,11 @@ def tile_reaches(d_min, d_max, bands):
     return hit
 
 
+def cta_slice(tile, block: int):
+    """The ``COMPUTE_WGS * block`` rows (queries or keys) of a CTA's ``tile``: both warpgroups' halves."""
+    return pl.ds(tile * (COMPUTE_WGS * block), COMPUTE_WGS * block)
+
+
 def read_unit(records_ref, item, slots: int, num_runs: int):
     """Scalars of work item ``item``: ``(b, h, tile)``, runs ``[(start, stop)]`` and
     ``(bands, bounds)``: the head's ``[(lo, hi)]`` intervals and each run's edge bound.
@@ -382,7 +387,8 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             step, loaded = carry
             b, h, q_tile, runs, _ = unit(item)
             kv_head = h // plan.groups
-            busy = count_tiles(runs) > 0
+            tiles = count_tiles(runs)
+            busy = tiles > 0
 
             def load_q(w):
                 # This unit's Q half ``w``, once warpgroup ``w`` released the previous busy unit's Q.
@@ -398,9 +404,9 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             # in every persistent CTA with two busy units; bench/NOTES_mgpu.md).
             pl.when(busy)(lambda: load_q(0))  # an empty unit writes zeros and needs no Q
             kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
-            unit_q = lambda b, h, tile: [q_ref.at[b, pl.ds(tile * (COMPUTE_WGS * bq), COMPUTE_WGS * bq), h]]  # noqa: E731
+            unit_q = lambda b, h, tile: [q_ref.at[b, cta_slice(tile, bq), h]]  # noqa: E731
             hooks = ((0, lambda: load_q(1)),)
-            hooks += prefetch_hook(c.prefetch, records_ref, item, num_items, num_ctas, unit, count_tiles(runs), unit_q)
+            hooks += prefetch_hook(c.prefetch, item, num_items, num_ctas, unit, tiles, unit_q)
             step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
             return step, loaded + busy.astype(jnp.int32)
 
@@ -451,10 +457,12 @@ def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, sta
 def run_hooks(hooks, step, first):
     """Run each ``(at, fn)`` of ``hooks`` whose ``at`` is the ring position ``step`` less the unit's ``first``."""
     for at, fn in hooks:
+        # A static 0 compares with ``first`` directly: no extra scalar op, so the forward's Q-half-1
+        # hook lowers as it did before hooks existed (register allocation here is touchy, NOTES v5).
         pl.when(step == first if isinstance(at, int) and at == 0 else step == first + at)(fn)
 
 
-def prefetch_hook(prefetch: bool, records_ref, item, num_items: int, num_ctas: int, unit, tiles, slices):
+def prefetch_hook(prefetch: bool, item, num_items: int, num_ctas: int, unit, tiles, slices):
     """``(index, fn)``: prefetch into L2 the rows the CTA's next unit will load, ``PREFETCH_LEAD`` tiles
     before this unit's end, or ``()`` when ``Config.prefetch`` is off.
 
