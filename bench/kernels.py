@@ -7,7 +7,7 @@ Implementations (``--impls``):
 * ``cudnn``: ``jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)``, dense
   causal (it cannot express per-head bands: the dense baseline);
 * ``flex``: torch ``torch.compile(flex_attention, dynamic=False)`` with
-  ``create_block_mask(mask_mod, B=None, H=H, Q_LEN=N, KV_LEN=N, _compile=True)`` built from the SAME
+  ``torch.compile(create_block_mask)(mask_mod, B=None, H=H, Q_LEN=N, KV_LEN=N)`` built from the SAME
   ``MaskSpec`` intervals;
 * ``reference``: the fp32 jnp oracle, only up to ``--reference-max-n``.
 
@@ -188,7 +188,9 @@ class Flex:
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
         self.torch = torch
-        self.create_block_mask = create_block_mask
+        # Compiled: the block mask is built from the full N x N mask_mod. torch deprecates the old
+        # `_compile=True` flag in favour of this form.
+        self.create_block_mask = torch.compile(create_block_mask)
         self.flex = torch.compile(flex_attention, dynamic=False)
 
     def block_mask(self, mask: str, n: int):
@@ -204,7 +206,7 @@ class Flex:
                 ok = ok | ((d >= lo[h, s]) & (d < hi[h, s]))
             return ok
 
-        return self.create_block_mask(mask_mod, B=None, H=NUM_HEADS, Q_LEN=n, KV_LEN=n, _compile=True)
+        return self.create_block_mask(mask_mod, B=None, H=NUM_HEADS, Q_LEN=n, KV_LEN=n)
 
     def to_torch(self, x: np.ndarray, grad: bool):
         t = self.torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).cuda().to(self.torch.bfloat16)

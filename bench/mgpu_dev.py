@@ -1128,6 +1128,8 @@ NCU_METRICS = (
     ("Executed Ipc Active", "ipc"),
     ("Warp Cycles Per Issued Instruction", "cyc/inst"),
     ("L2 Hit Rate", "L2hit%"),
+    ("No Eligible", "no-elig%"),
+    ("Local Memory Spilling Requests", "spill-req"),
 )
 
 

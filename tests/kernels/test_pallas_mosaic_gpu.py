@@ -489,3 +489,35 @@ def test_trace_summary_splits_each_track_into_its_scopes(tmp_path):
     assert consumer["scopes"]["(outside scopes)"]["cycles_total"] == pytest.approx(100 / 2)
     assert sum(s["share"] for s in consumer["scopes"].values()) == pytest.approx(1.0)
     assert producer["tracks"] == 1 and producer["scopes"]["p_wait"]["share"] == pytest.approx(1.0)
+
+
+def test_ncu_summary_takes_one_row_per_kernel_from_the_csv(tmp_path):
+    """``mgpu_dev.py ncusum`` on an ``ncu --csv --page details`` log (the H200 format, with ncu's own
+    lines before the header): one row per kernel ID, each metric's value and unit, the first value of a
+    metric that appears twice, '-' for a metric ncu did not report."""
+    import argparse
+
+    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+            '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+    def row(kid, section, metric, unit, value):
+        return (f'"{kid}","512","python3.12","127.0.0.1","anonymous_mosaic_gpu_kernel","1","14","(384, 1, 1)",'
+                f'"(132, 1, 1)","0","9.0","{section}","{metric}","{unit}","{value}",')
+
+    lines = ["==PROF== Connected to process 512", head,
+             row(0, "GPU Speed Of Light Throughput", "Duration", "ns", "245,376"),
+             row(0, "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "27.38"),
+             row(0, "Memory Workload Analysis", "Local Memory Spilling Requests", "", "50,208"),
+             row(0, "Memory Workload Analysis", "Memory Throughput", "%", "39.75"),
+             row(0, "Memory Workload Analysis", "Memory Throughput", "byte/second", "1,317,394"),
+             row(1, "GPU Speed Of Light Throughput", "Duration", "ns", "100,000"),
+             row(1, "Scheduler Statistics", "No Eligible", "%", "61.68")]
+    path = tmp_path / "ncu.csv"
+    path.write_text("\n".join(lines) + "\n")
+    kernels = _mgpu_dev().stage_ncusum(argparse.Namespace(csv=str(path)))
+    assert len(kernels) == 2
+    first, second = kernels
+    assert first["dur"] == "245,376 ns" and first["dram%"] == "27.38 %" and first["spill-req"] == "50,208"
+    assert first["mem%"] == "39.75 %"  # the SpeedOfLight-style percentage, not the later byte/s row
+    assert first["grid"] == "(132, 1, 1)" and "no-elig%" not in first
+    assert second["dur"] == "100,000 ns" and second["no-elig%"] == "61.68 %" and "spill-req" not in second
