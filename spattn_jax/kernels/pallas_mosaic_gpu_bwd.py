@@ -54,6 +54,7 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     compiler_params,
     count_tiles,
     cta_slice,
+    wg_slice,
     item_loop,
     load_vec,
     loop_runs,
@@ -87,9 +88,6 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
     dtype = q_ref.dtype
     coef = plan.scale * LOG2E
 
-    def row_slice(q_tile, w):
-        return pl.ds(q_tile * (COMPUTE_WGS * bq) + w * bq, bq)
-
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
         plgpu.set_max_registers(_register_split()[1], action="increase")
@@ -97,7 +95,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
 
         def one_item(item, step):
             b, h, q_tile, runs, edges = unit(item)
-            rows = row_slice(q_tile, wg)
+            rows = wg_slice(q_tile, wg, bq)
             row0 = rows.start
             q_seg = load_vec(qseg_ref.at[b, rows], ROW, optimized=False) if plan.segments else None
 
@@ -191,7 +189,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
             tiles = count_tiles(runs)
             busy = tiles > 0
             for w in range(COMPUTE_WGS):
-                rows = row_slice(q_tile, w)
+                rows = wg_slice(q_tile, w, bq)
 
                 @pl.when(busy)  # an empty unit writes zeros and needs no rows
                 def _():
@@ -278,9 +276,6 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
     dtype = q_ref.dtype
     coef = plan.scale * LOG2E
 
-    def key_slice(kv_tile, w):
-        return pl.ds(kv_tile * (COMPUTE_WGS * bk) + w * bk, bk)
-
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
         plgpu.set_max_registers(_register_split()[1], action="increase")
@@ -289,7 +284,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
 
         def one_item(item, step):
             b, h, kv_tile, runs, edges = unit(item)
-            keys = key_slice(kv_tile, wg)
+            keys = wg_slice(kv_tile, wg, bk)
             key0 = keys.start
             k_seg = load_vec(kseg_ref.at[b, keys], ROW, optimized=False) if plan.segments else None
 
@@ -392,7 +387,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
 
             hooks = prefetch_hook(c.prefetch, item, num_items, num_ctas, unit, tiles, unit_keys)
             for w in range(COMPUTE_WGS):
-                keys = key_slice(kv_tile, w)
+                keys = wg_slice(kv_tile, w, bk)
 
                 @pl.when(busy)  # keys no query sees get dK = dV = 0 and need no loads
                 def _():

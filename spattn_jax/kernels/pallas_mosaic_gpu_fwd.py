@@ -141,6 +141,11 @@ def cta_slice(tile, block: int):
     return pl.ds(tile * (COMPUTE_WGS * block), COMPUTE_WGS * block)
 
 
+def wg_slice(tile, w, block: int):
+    """Warpgroup ``w``'s ``block`` rows (queries or keys) of a CTA's ``tile``."""
+    return pl.ds(tile * (COMPUTE_WGS * block) + w * block, block)
+
+
 def read_unit(records_ref, item, slots: int, num_runs: int):
     """Scalars of work item ``item``: ``(b, h, tile)``, runs ``[(start, stop)]`` and
     ``(bands, bounds)``: the head's ``[(lo, hi)]`` intervals and each run's edge bound.
@@ -286,8 +291,9 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
 
         def one_item(item, step):
             b, h, q_tile, runs, edges = unit(item)
-            row0 = q_tile * (COMPUTE_WGS * bq) + wg * bq
-            q_seg = load_vec(qseg_ref.at[b, pl.ds(row0, bq)], ROW, optimized=False) if plan.segments else None
+            rows = wg_slice(q_tile, wg, bq)
+            row0 = rows.start
+            q_seg = load_vec(qseg_ref.at[b, rows], ROW, optimized=False) if plan.segments else None
 
             def allowed(t, masked):
                 segments = None
@@ -392,7 +398,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
 
             def load_q(w):
                 # This unit's Q half ``w``, once warpgroup ``w`` released the previous busy unit's Q.
-                rows = pl.ds(q_tile * (COMPUTE_WGS * bq) + w * bq, bq)
+                rows = wg_slice(q_tile, w, bq)
                 with jax.named_scope("p_wait_q"):
                     wait_unless(loaded == 0, q_free.at[w])
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], q_ready.at[w])
