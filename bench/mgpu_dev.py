@@ -19,6 +19,10 @@ Stages (``python bench/mgpu_dev.py STAGE [options]``):
   dump variables (``MOSAIC_GPU_DUMP_PTXAS`` / ``_SASS``); bench/mgpu_diag.sh drives it.
 * ``trace``: Mosaic GPU's in-kernel profiler (``SPATTN_MGPU_TRACE``) on each kernel, one call per mask:
   where each warpgroup's cycles go (waits, matmuls, softmax, epilogues), per scope of the kernels.
+* ``ncusrc`` (CPU): where one kernel's warp-stall samples sit, from
+  ``ncu -i REP --page source --csv --print-source sass`` of a ``--section SourceCounters`` report:
+  samples per stall reason, and per *region* (a run of consecutive SASS instructions executed the same
+  number of times: a loop body, a unit's prologue or epilogue) with its hottest instructions.
 * ``protocol`` (CPU, no GPU): simulates the barrier protocol of all three kernels from their traced
   jaxprs (every warpgroup of every CTA interprets the kernel's scalar control flow; a random scheduler
   interleaves them and the TMA engine; mbarriers with per-waiter parity as on sm90) and reports
@@ -620,7 +624,7 @@ class _CtaState:
     def __init__(self):
         self.alloc = {}
         self.barriers = []
-        self.gmem = []  # ("load" | "prefetch", ref, ((start, size) per dim)) in issue order
+        self.gmem = []  # ("load" | "prefetch" | "store", ref, ((start, size) per dim)) in issue order
 
 
 def unused_prefetches(log) -> list:
@@ -813,6 +817,16 @@ def _rule_copy_in(eqn, invals, ctx):
     return []
 
 
+def _rule_copy_out(eqn, invals, ctx):
+    _, dst, *flat = invals
+    p = eqn.params
+    n_src, n_dst = p["src_transforms_treedef"].num_leaves, p["dst_transforms_treedef"].num_leaves
+    window = _window(jax.tree_util.tree_unflatten(p["dst_transforms_treedef"], flat[n_src : n_src + n_dst]), "store")
+    ctx.cta.gmem.append(("store", dst, window))
+    return []
+    yield
+
+
 def _rule_prefetch(eqn, invals, ctx):
     ref, *flat = invals
     window = _window(jax.tree_util.tree_unflatten(eqn.params["ref_transforms_treedef"], flat), "prefetch")
@@ -896,6 +910,7 @@ _RULES = {
     "barrier_wait": _rule_barrier("wait"),
     "copy_gmem_to_smem": _rule_copy_in,
     "async_prefetch": _rule_prefetch,
+    "copy_smem_to_gmem": _rule_copy_out,
     "axis_index": _rule_axis_index,
     "run_scoped": _rule_run_scoped,
     "cond": _rule_cond,
@@ -1019,7 +1034,22 @@ def simulate_cta(kjaxpr, args, cta: int, num_threads: int, names, policy: str, s
                         problems.append(f"{b.name}[{i}]: {b.phase[i]} TMA phases, at most {waited} waited for")
         problems += [f"L2 prefetch of {w} that no later load reads" for w in unused_prefetches(st.gmem)]
     prefetches = sum(kind == "prefetch" for kind, _, _ in st.gmem)
-    return dict(deadlock=deadlock, problems=problems, events=sum(a["n"] for a in agents), prefetches=prefetches)
+    stores = [(ref, win) for kind, ref, win in st.gmem if kind == "store"]
+    return dict(deadlock=deadlock, problems=problems, events=sum(a["n"] for a in agents), prefetches=prefetches,
+                stores=stores)
+
+
+def store_counts(kjaxpr, args, stores) -> dict:
+    """``{kernel operand index: int array}``: how often each element of each GMEM ref was TMA-stored
+    (over the ref's indexed leading dims), from every CTA's ``simulate_cta(...)["stores"]`` together."""
+    counts = {}
+    for i, (var, ref) in enumerate(zip(kjaxpr.invars, args)):
+        mine = [win for r, win in stores if r is ref]
+        if mine:
+            counts[i] = np.zeros(var.aval.shape[: len(mine[0])], np.int64)
+            for win in mine:
+                counts[i][tuple(slice(start, start + size) for start, size in win)] += 1
+    return counts
 
 BARRIER_NAMES = dict(
     fwd=["q_ready", "q_free", "k_ready", "v_ready", "k_free", "v_free", "sched"],
@@ -1157,6 +1187,40 @@ def stage_ncusum(args) -> list:
     return list(kernels.values())
 
 
+def stage_ncusrc(args) -> dict:
+    """Warp-stall samples of one kernel's SASS (``ncu --page source --csv --print-source sass``): totals
+    per stall reason and per region of equal execution count, largest first (``--top`` of each)."""
+    import csv
+
+    lines = Path(args.csv).read_text(errors="replace").splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"Address"')), None)
+    if start is None:
+        log(f"ncusrc: no source-page CSV header in {args.csv}")
+        return {}
+    rows = list(csv.DictReader(lines[start:]))
+    num = lambda r, k: int(float(r.get(k) or 0))  # noqa: E731
+    samples = [num(r, "Warp Stall Sampling (All Samples)") for r in rows]
+    total = max(sum(samples), 1)
+    reasons = {k: sum(num(r, k) for r in rows) for k in rows[0] if k.startswith("stall_") and "Not Issued" not in k}
+    regions = []  # [first, last, executions, samples]
+    for i, r in enumerate(rows):
+        ex = num(r, "Instructions Executed")
+        if regions and regions[-1][2] == ex:
+            regions[-1][1], regions[-1][3] = i, regions[-1][3] + samples[i]
+        else:
+            regions.append([i, i, ex, samples[i]])
+    log(f"ncusrc: {len(rows)} SASS instructions, {total} samples")
+    for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[: args.top]:
+        log(f"  {k:24s} {v:7d} {100 * v / total:5.1f}%")
+    log("  region (instructions)  executions  samples  share  hottest")
+    for first, last, ex, n in sorted(regions, key=lambda g: -g[3])[: args.top]:
+        hot = max(range(first, last + 1), key=lambda i: samples[i])
+        log(f"  {first:5d}-{last:<5d}        {ex:10d} {n:8d} {100 * n / total:5.1f}%  "
+            f"{hot}: {rows[hot].get('Source', '').strip()[:60]} ({samples[hot]})")
+    return dict(total=total, reasons=reasons, regions=[dict(first=g[0], last=g[1], executions=g[2], samples=g[3])
+                                                       for g in regions])
+
+
 def table(rows: list) -> str:
     cud = {r["shape"]: r for r in rows if r.get("impl") == "cudnn" and "error" not in r}
     lines = ["| impl | mask | shape | options | fwd ms | fwd+bwd ms | fwd TF/s | cuDNN causal / ours (fwd+bwd) |",
@@ -1173,7 +1237,8 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("check", "time", "big", "stress", "profile", "trace", "protocol", "ncusum"))
+    p.add_argument("stage", choices=("check", "time", "big", "stress", "profile", "trace", "protocol", "ncusum",
+                                     "ncusrc"))
     p.add_argument("--cases", default="", help="comma list of CASES indices (check)")
     p.add_argument("--case-json", default="", help="JSON list of cases (check), replacing --cases")
     p.add_argument("--shapes", default="2x8192")
@@ -1192,7 +1257,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="profile: calls per kernel")
     p.add_argument("--max-ctas", type=int, default=48, help="protocol: CTAs simulated per kernel (0: all)")
     p.add_argument("--policies", type=int, default=len(POLICIES), help="protocol: scheduling policies per CTA")
-    p.add_argument("--csv", default="", help="ncusum: the ncu --csv --page details log")
+    p.add_argument("--csv", default="", help="ncusum: the ncu --csv --page details log; ncusrc: the --page source one")
+    p.add_argument("--top", type=int, default=12, help="ncusrc: stall reasons and regions to print")
     p.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     dev = jax.devices()[0]
@@ -1213,6 +1279,8 @@ def main(argv=None) -> int:
         rows = stage_protocol(args)
     elif args.stage == "ncusum":
         stage_ncusum(args)
+    elif args.stage == "ncusrc":
+        stage_ncusrc(args)
         return 0
     elif args.stage == "time":
         rows = stage_time(args)

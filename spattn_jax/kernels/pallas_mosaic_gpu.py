@@ -107,11 +107,14 @@ class Config:
         """Shared memory each kernel allocates (2-byte inputs), for the 227 KiB check."""
         row = 2 * head_dim  # bytes of one bf16 row
         wgs = 2
+        # The last term of each: the producer's constant tile (and row vector) for empty units' outputs.
         return dict(
-            forward=(2 * wgs * self.block_q + 2 * self.num_stages * self.block_kv) * row + 4 * wgs * self.block_q,
-            dq=(4 * wgs * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * row + 8 * wgs * self.block_q_dq,
+            forward=(2 * wgs * self.block_q + 2 * self.num_stages * self.block_kv) * row + 4 * wgs * self.block_q
+            + self.block_q * (row + 4),
+            dq=(4 * wgs * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * row
+            + 8 * wgs * self.block_q_dq + self.block_q_dq * (row + 4),
             dkv=(3 * wgs * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * row
-            + 8 * self.num_stages_bwd * self.block_q_dkv,
+            + 8 * self.num_stages_bwd * self.block_q_dkv + self.block_kv_dkv * row,
         )
 
     @property
@@ -205,7 +208,8 @@ def work_list(lengths: np.ndarray, batch: int, *, lpt: bool = True) -> np.ndarra
     With ``lpt`` the heaviest units come first (longest-processing-time order: a greedy list
     schedule, which is what the hardware block scheduler does with a grid, is then within 4/3 of
     optimal), ties broken head-major then batch then tile so that CTAs running together share a
-    head's K/V in L2. Units with no tiles come last; they still run, to write their zero outputs.
+    head's K/V in L2. Units with no tiles come last in either order: no consumer visits them, the
+    producers store their zero outputs while the busy units run.
 
     Args:
       lengths: ``[H, tiles]`` tiles visited per unit (:func:`run_lengths`).
@@ -218,7 +222,7 @@ def work_list(lengths: np.ndarray, batch: int, *, lpt: bool = True) -> np.ndarra
         # np.lexsort sorts by the last key first.
         order = np.lexsort((t, b, h, -lengths[h, t]))
     else:
-        order = np.lexsort((t, h, b))
+        order = np.lexsort((t, h, b, lengths[h, t] == 0))
     return np.stack([b[order], h[order], t[order]], axis=1).astype(np.int32)
 
 

@@ -17,8 +17,11 @@ and two consumer warpgroups running wgmma on their half of the CTA's tile:
   the caller sums GQA groups.
 
 dK and dV leave a unit through one staging buffer per warpgroup, one after the other (32 KB less
-shared memory than a buffer each). With ``Config.prefetch`` the producer of either kernel prefetches
-the CTA's next unit's rows (Q, dO, O, lse; or K, V) into L2 a few tiles before the current unit ends.
+shared memory than a buffer each). Units with no tile (keys no query sees, rows with no key, padded
+rows) come last in the work lists and only the producers visit them: they store dK = dV = 0, or
+dQ = 0 and delta = 0, from constant tiles while the busy units run (``empty_unit_stores``). With
+``Config.prefetch`` the producer of either kernel prefetches the CTA's next unit's rows (Q, dO, O,
+lse; or K, V) into L2 a few tiles before the current unit ends.
 
 ``lse2`` arrives with ``+inf`` on empty rows, so their probabilities are exactly 0 on every visited
 tile; padded rows have dO = 0 and delta = 0, so they add nothing. Both kernels use the same static
@@ -61,9 +64,10 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     persistent_grid,
     read_unit,
     static_tables,
-    arrive_if,
     tiled_smem,
     wait_unless,
+    empty_unit_stores,
+    fill_constant_tiles,
     prefetch_hook,
     run_hooks,
 )
@@ -72,7 +76,7 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
 # -- dQ -----------------------------------------------------------------------------------------------
 
 
-def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
+def _dq_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
     c = plan.config
     bq, bk, stages, dim = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd, plan.head_dim
     (records_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref) = refs[:7]
@@ -80,7 +84,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
     n_in = 9 if plan.segments else 7
     dq_ref, delta_ref = refs[n_in : n_in + 2]
     (q_smem2, do_smem2, o_smem2, dq_smem2, lse_smem2, delta_smem2, rows_ready, rows_free,
-     k_smem, v_smem, k_ready, v_ready, k_free, v_free) = refs[n_in + 2 :]
+     k_smem, v_smem, k_ready, v_ready, k_free, v_free, zero_smem, zero_vec_smem) = refs[n_in + 2 :]
     num_items = records_ref.shape[0]
     flags = plan.edge_masks(COMPUTE_WGS * bq + bk, transpose=False)
     unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
@@ -151,19 +155,17 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq_acc, lse, delta, step + 1
 
-            busy = count_tiles(runs) > 0
             with jax.named_scope("wait_rows"):
-                wait_unless(jnp.logical_not(busy), rows_ready.at[wg])
+                plgpu.barrier_wait(rows_ready.at[wg])
             with jax.named_scope("delta"):
                 lse = load_vec(lse_smem2.at[wg], ROW)
-                # An empty unit loaded no rows (its buffers hold another unit's): the select writes 0.
                 # Padded rows: dO is 0 and O finite (the forward writes every row), so delta is 0.
                 prod = o_smem[...].astype(jnp.float32) * do_smem[...].astype(jnp.float32)
-                delta = jnp.where(busy, prod.sum(axis=1), 0.0)
+                delta = prod.sum(axis=1)
             dq_acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
             dq_acc, _, delta, step = loop_runs(runs, flags, body, (dq_acc, lse, delta, step))
             # Releasing the rows right after the last S/dP matmul instead measured no faster (H100).
-            arrive_if(busy, rows_free.at[wg])  # only busy units: see the forward's q_free
+            plgpu.barrier_arrive(rows_free.at[wg])
 
             with jax.named_scope("epilogue"):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dQ and delta left staging
@@ -175,31 +177,34 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
                 plgpu.commit_smem_to_gmem_group()
             return step
 
-        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
+        fill_constant_tiles(zero_smem, zero_vec_smem, 0.0)  # empty rows: dQ = 0, delta = 0
         plgpu.set_max_registers(_register_split()[0], action="decrease")
 
-        def one_item(item, carry):
-            step, loaded = carry
+        def empty_outputs(b, h, tile):
+            rows = [wg_slice(tile, w, bq) for w in range(COMPUTE_WGS)]
+            return [(zero_smem, dq_ref.at[b, r, h]) for r in rows] + [
+                (zero_vec_smem, delta_ref.at[b, h, r]) for r in rows]
+
+        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, unit, empty_outputs)
+
+        def one_item(item, step):
             b, h, q_tile, runs, _ = unit(item)
             kv_head = h // plan.groups
             tiles = count_tiles(runs)
-            busy = tiles > 0
             for w in range(COMPUTE_WGS):
                 rows = wg_slice(q_tile, w, bq)
-
-                @pl.when(busy)  # an empty unit writes zeros and needs no rows
-                def _():
-                    with jax.named_scope("p_wait_rows"):
-                        wait_unless(loaded == 0, rows_free.at[w])
-                    # Four copies arrive on one barrier (num_arrivals=4).
-                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], rows_ready.at[w])
-                    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem2.at[w], rows_ready.at[w])
-                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem2.at[w], rows_ready.at[w])
-                    plgpu.copy_gmem_to_smem(o_ref.at[b, rows, h], o_smem2.at[w], rows_ready.at[w])
+                with jax.named_scope("p_wait_rows"):
+                    wait_unless(item < num_ctas, rows_free.at[w])  # the CTA's first unit: nothing to wait for
+                # Four copies arrive on one barrier (num_arrivals=4).
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], rows_ready.at[w])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem2.at[w], rows_ready.at[w])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem2.at[w], rows_ready.at[w])
+                plgpu.copy_gmem_to_smem(o_ref.at[b, rows, h], o_smem2.at[w], rows_ready.at[w])
 
             kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
 
@@ -207,11 +212,13 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int):
                 rows = cta_slice(tile, bq)
                 return [ref.at[b, rows, h] for ref in (q_ref, do_ref, o_ref)] + [lse_ref.at[b, h, rows]]
 
-            hooks = prefetch_hook(c.prefetch, item, num_items, num_ctas, unit, tiles, unit_rows)
-            step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
-            return step, loaded + busy.astype(jnp.int32)
+            hooks = (empty_hook(item, tiles),)
+            hooks += prefetch_hook(c.prefetch, item, num_busy, num_ctas, unit, tiles, unit_rows)
+            return stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
+        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        store_other_empty_units()
+        plgpu.wait_smem_to_gmem(0)
 
 
 def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
@@ -222,7 +229,7 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
     """
     c = plan.config
     bq, bk, stages, dim = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd, plan.head_dim
-    records = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
+    records, num_busy = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
     num_ctas = persistent_grid(plan, int(records.shape[0]))
     dtype = q.dtype
     scratch = [
@@ -240,10 +247,12 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
         plgpu.Barrier(num_barriers=stages),  # V ready
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K free
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V free
+        tiled_smem((bq, dim), dtype),  # zeros: dQ of empty units
+        plgpu.SMEM((bq,), jnp.float32),  # zeros: delta of empty units
     ]
     args = [records, q, k, v, do, lse, out] + ([q_seg, kv_seg] if plan.segments else [])
     return plgpu.kernel(
-        functools.partial(_dq_kernel, plan=plan, num_ctas=num_ctas),
+        functools.partial(_dq_kernel, plan=plan, num_ctas=num_ctas, num_busy=num_busy),
         out_type=[
             jax.ShapeDtypeStruct(q.shape, dtype),
             jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
@@ -260,7 +269,7 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
 # -- dK / dV ------------------------------------------------------------------------------------------
 
 
-def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
+def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
     c = plan.config
     bq, bk, stages, dim = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd, plan.head_dim
     (records_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:7]
@@ -268,7 +277,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
     n_in = 9 if plan.segments else 7
     dk_ref, dv_ref = refs[n_in : n_in + 2]
     (k_smem2, v_smem2, stage_smem2, keys_ready, keys_free,
-     q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, q_free, do_free) = refs[n_in + 2 :]
+     q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, q_free, do_free, zero_smem) = refs[n_in + 2 :]
     num_items = records_ref.shape[0]
     flags = plan.edge_masks(COMPUTE_WGS * bk + bq, transpose=True)
     unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
@@ -345,13 +354,12 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                 return dk_acc, dv_acc, step + 1
 
             zero = lambda: plgpu.layout_cast(jnp.zeros((bk, dim), jnp.float32), WGMMA)  # noqa: E731
-            busy = count_tiles(runs) > 0
             with jax.named_scope("wait_keys"):
-                wait_unless(jnp.logical_not(busy), keys_ready.at[wg])
+                plgpu.barrier_wait(keys_ready.at[wg])
             dk_acc, dv_acc, step = loop_runs(runs, flags, body, (zero(), zero(), step))
             # Releasing K/V right after the last S^T/dP^T matmul instead measured slower (H100, SPA-default
             # dK/dV 418 -> 543 us: more register spills).
-            arrive_if(busy, keys_free.at[wg])  # only busy units: see the forward's q_free
+            plgpu.barrier_arrive(keys_free.at[wg])
 
             with jax.named_scope("epilogue"):
                 # dK and dV leave through one staging buffer, one after the other: 32 KB less shared
@@ -360,41 +368,43 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                 stage_smem[...] = (dk_acc * plan.scale).astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(stage_smem, dk_ref.at[b, keys, h])
-                # An empty unit stores zeros twice: nothing to wait for.
-                pl.when(busy)(lambda: plgpu.wait_smem_to_gmem(0, wait_read_only=True))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 stage_smem[...] = dv_acc.astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(stage_smem, dv_ref.at[b, keys, h])
             return step
 
-        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
+        fill_constant_tiles(zero_smem)  # keys no query sees: dK = dV = 0
         plgpu.set_max_registers(_register_split()[0], action="decrease")
 
-        def one_item(item, carry):
-            step, loaded = carry
+        def empty_outputs(b, h, tile):
+            keys = [wg_slice(tile, w, bk) for w in range(COMPUTE_WGS)]
+            return [(zero_smem, ref.at[b, r, h]) for ref in (dk_ref, dv_ref) for r in keys]
+
+        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, unit, empty_outputs)
+
+        def one_item(item, step):
             b, h, kv_tile, runs, _ = unit(item)
             kv_head = h // plan.groups
             tiles = count_tiles(runs)
-            busy = tiles > 0
             first = step
 
             def unit_keys(b, h, tile):
                 return [ref.at[b, cta_slice(tile, bk), h // plan.groups] for ref in (k_ref, v_ref)]
 
-            hooks = prefetch_hook(c.prefetch, item, num_items, num_ctas, unit, tiles, unit_keys)
+            hooks = (empty_hook(item, tiles),)
+            hooks += prefetch_hook(c.prefetch, item, num_busy, num_ctas, unit, tiles, unit_keys)
             for w in range(COMPUTE_WGS):
                 keys = wg_slice(kv_tile, w, bk)
-
-                @pl.when(busy)  # keys no query sees get dK = dV = 0 and need no loads
-                def _():
-                    with jax.named_scope("p_wait_keys"):
-                        wait_unless(loaded == 0, keys_free.at[w])
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem2.at[w], keys_ready.at[w])
-                    plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem2.at[w], keys_ready.at[w])
+                with jax.named_scope("p_wait_keys"):
+                    wait_unless(item < num_ctas, keys_free.at[w])  # the CTA's first unit: nothing to wait for
+                plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem2.at[w], keys_ready.at[w])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem2.at[w], keys_ready.at[w])
 
             def body(t, step, *, masked):
                 del masked
@@ -411,16 +421,18 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int):
                 run_hooks(hooks, step, first)
                 return step + 1
 
-            return loop_runs(runs, flags, body, step), loaded + busy.astype(jnp.int32)
+            return loop_runs(runs, flags, body, step)
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
+        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        store_other_empty_units()
+        plgpu.wait_smem_to_gmem(0)
 
 
 def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
     """``(dK, dV)``, each ``[B, kv_pad, H, Dp]`` in ``k.dtype``: per q head (sum GQA groups after)."""
     c = plan.config
     bq, bk, stages, dim = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd, plan.head_dim
-    records = static_tables(plan, bq, COMPUTE_WGS * bk, transpose=True)
+    records, num_busy = static_tables(plan, bq, COMPUTE_WGS * bk, transpose=True)
     num_ctas = persistent_grid(plan, int(records.shape[0]))
     dtype = k.dtype
     scratch = [
@@ -437,11 +449,12 @@ def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO + delta ready
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # Q free
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dO free
+        tiled_smem((bk, dim), dtype),  # zeros: dK and dV of empty units
     ]
     out_shape = jax.ShapeDtypeStruct((plan.batch, plan.kv_pad, plan.num_heads, dim), dtype)
     args = [records, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
     dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, plan=plan, num_ctas=num_ctas),
+        functools.partial(_dkv_kernel, plan=plan, num_ctas=num_ctas, num_busy=num_busy),
         out_type=[out_shape, out_shape],
         scratch_types=scratch,
         grid=(num_ctas,),

@@ -11,11 +11,13 @@ CTA per entry instead:
   as in jax's ``attention_mgpu.py``);
 * warpgroup 2 (producer) loads each busy unit's Q halves and streams the K and V tiles of its runs
   into a ``num_stages`` ring with TMA; per-slot "ready" barriers (TMA transaction counts) and
-  "free" barriers (one arrival per consumer warpgroup) pace it. A unit with no tile loads nothing
-  and writes O = 0, LSE = +inf. Q half 1 is loaded only after the unit's first K/V tile: the
-  ping-pong barrier makes warpgroup 1's last tile of a unit wait for warpgroup 0's first tile of
-  the next, so in a persistent CTA warpgroup 1 can release its Q only after that first K tile has
-  arrived (waiting for the release first was the persistent-mode deadlock).
+  "free" barriers (one arrival per consumer warpgroup) pace it. Units with no tile come last in the
+  work list and only the producer visits them: it stores their O = 0, LSE = +inf from constant
+  tiles while the busy units run (:func:`empty_unit_stores`). Q half 1 is loaded only after the
+  unit's first K/V tile: the ping-pong barrier makes warpgroup 1's last tile of a unit wait for
+  warpgroup 0's first tile of the next, so in a persistent CTA warpgroup 1 can release its Q only
+  after that first K tile has arrived (waiting for the release first was the persistent-mode
+  deadlock).
 
 Both consumers and the producer walk the same run list (schedule.py, at the CTA's ``2 * block_q``
 rows), so every barrier sees the same number of phases in every warpgroup even when a run is empty.
@@ -87,7 +89,7 @@ def compiler_params() -> plgpu.CompilerParams:
     """
     trace = {}
     if os.environ.get("SPATTN_MGPU_TRACE"):
-        space = int(os.environ.get("SPATTN_MGPU_TRACE_SPACE", "400"))
+        space = int(os.environ.get("SPATTN_MGPU_TRACE_SPACE", "256"))
         trace = dict(profile_space=space, profile_dir=os.environ["SPATTN_MGPU_TRACE"])
     return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane, **trace)
 
@@ -233,8 +235,9 @@ def count_tiles(runs):
 RECORD_WORDS = 32  # int32 fields per work record: one 128-byte cache line
 
 
-def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool) -> jax.Array:
-    """``int32 [items, 32 k]`` work records, one per work-list entry, as a device constant.
+def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool) -> tuple[jax.Array, int]:
+    """``(int32 [items, 32 k]`` work records, one per work-list entry, as a device constant; the number
+    of busy units``)``: the first ``num_busy`` records have tiles, the rest are empty units.
 
     Record ``i`` of the work list (heaviest first) holds ``b, h, tile``, then the unit's ``3 slots``
     ``(start, stop)`` runs, then its head's ``slots`` ``(lo, hi)`` intervals, then the ``3 slots`` edge
@@ -257,22 +260,21 @@ def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool
     width = RECORD_WORDS * -(-fields.shape[1] // RECORD_WORDS)
     records = np.zeros((len(items), width), np.int32)
     records[:, : fields.shape[1]] = fields
-    return jnp.asarray(records)
+    return jnp.asarray(records), int(np.count_nonzero(common.run_lengths(runs)[h, tile]))
 
 
 # -- the kernel ---------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
+def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
     c = plan.config
     bq, bk, stages, dim = c.block_q, c.block_kv, c.num_stages, plan.head_dim
     n_in = 6 if plan.segments else 4
     records_ref, q_ref, k_ref, v_ref = refs[:4]
     qseg_ref, kseg_ref = refs[4:6] if plan.segments else (None, None)
     o_ref, lse_ref = refs[n_in : n_in + 2]
-    (q_smem2, o_smem2, k_smem, v_smem, lse_smem2, q_ready, q_free, k_ready, v_ready, k_free, v_free, sched) = refs[
-        n_in + 2 :
-    ]
+    (q_smem2, o_smem2, k_smem, v_smem, lse_smem2, q_ready, q_free, k_ready, v_ready, k_free, v_free, sched,
+     zero_smem, inf_smem) = refs[n_in + 2 :]
     num_items = records_ref.shape[0]
     flags = plan.edge_masks(COMPUTE_WGS * bq + bk, transpose=False)
     unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
@@ -354,13 +356,10 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             acc = plgpu.layout_cast(jnp.zeros((bq, dim), jnp.float32), WGMMA)
             m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), ROW)
             l_i = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), ROW)
-            tiles = count_tiles(runs)
-            # Q is released on the unit's last tile. Only busy units release: an empty one never
-            # waited for its Q, so arriving there would let this side run two phases ahead of the
-            # producer's parity wait (a deadlock).
-            last_step = step + tiles - 1
+            # Q is released on the unit's last tile (consumers only see busy units).
+            last_step = step + count_tiles(runs) - 1
             with jax.named_scope("wait_q"):
-                wait_unless(tiles == 0, q_ready.at[wg])
+                plgpu.barrier_wait(q_ready.at[wg])
             acc, m_i, l_i, step = loop_runs(runs, flags, body, (acc, m_i, l_i, step))
             with jax.named_scope("epilogue"):
                 epilogue(b, h, row0, acc, m_i, l_i)
@@ -381,26 +380,31 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             plgpu.commit_smem_to_gmem_group()
 
         pl.when(wg == 1)(schedule_sync)  # stagger: warpgroup 1 starts one phase behind
-        item_loop(num_items, num_ctas, one_item, jnp.int32(0))
+        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
         pl.when(wg == 0)(schedule_sync)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
+        fill_constant_tiles(zero_smem, inf_smem, jnp.inf)  # empty rows: O = 0, LSE = +inf
         plgpu.set_max_registers(_register_split()[0], action="decrease")
 
-        def one_item(item, carry):
-            step, loaded = carry
+        def empty_outputs(b, h, tile):
+            rows = [wg_slice(tile, w, bq) for w in range(COMPUTE_WGS)]
+            return [(zero_smem, o_ref.at[b, r, h]) for r in rows] + [(inf_smem, lse_ref.at[b, h, r]) for r in rows]
+
+        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, unit, empty_outputs)
+
+        def one_item(item, step):
             b, h, q_tile, runs, _ = unit(item)
             kv_head = h // plan.groups
             tiles = count_tiles(runs)
-            busy = tiles > 0
 
             def load_q(w):
-                # This unit's Q half ``w``, once warpgroup ``w`` released the previous busy unit's Q.
+                # This unit's Q half ``w``, once warpgroup ``w`` released the previous unit's Q.
                 rows = wg_slice(q_tile, w, bq)
                 with jax.named_scope("p_wait_q"):
-                    wait_unless(loaded == 0, q_free.at[w])
+                    wait_unless(item < num_ctas, q_free.at[w])  # the CTA's first unit: nothing to wait for
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], q_ready.at[w])
 
             # Warpgroup 0's Q first, warpgroup 1's only after the unit's first K/V tile. The ping-pong
@@ -408,15 +412,16 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int):
             # of this one, so warpgroup 1 releases its Q only after warpgroup 0 has read this unit's
             # first K tile: waiting for that release before streaming the tile deadlocks (it did,
             # in every persistent CTA with two busy units; bench/NOTES_mgpu.md).
-            pl.when(busy)(lambda: load_q(0))  # an empty unit writes zeros and needs no Q
+            load_q(0)
             kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
             unit_q = lambda b, h, tile: [q_ref.at[b, cta_slice(tile, bq), h]]  # noqa: E731
-            hooks = ((0, lambda: load_q(1)),)
-            hooks += prefetch_hook(c.prefetch, item, num_items, num_ctas, unit, tiles, unit_q)
-            step = stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
-            return step, loaded + busy.astype(jnp.int32)
+            hooks = ((0, lambda: load_q(1)), empty_hook(item, tiles))
+            hooks += prefetch_hook(c.prefetch, item, num_busy, num_ctas, unit, tiles, unit_q)
+            return stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
 
-        item_loop(num_items, num_ctas, one_item, (jnp.int32(0), jnp.int32(0)))
+        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        store_other_empty_units()
+        plgpu.wait_smem_to_gmem(0)
 
 
 def arrive_if(pred, barrier):
@@ -460,6 +465,49 @@ def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, sta
     return loop_runs(runs, flags, body, step)
 
 
+def fill_constant_tiles(tile_ref, vec_ref=None, fill: float = 0.0):
+    """Zeros into ``tile_ref [rows, D]`` and ``fill`` into ``vec_ref [rows]`` (fp32): the producer's
+    sources for the outputs of empty units (:func:`empty_unit_stores`). Runs before the producer gives
+    up its registers."""
+    tile_ref[...] = plgpu.layout_cast(jnp.zeros(tile_ref.shape, tile_ref.dtype), WGMMA)
+    if vec_ref is not None:
+        vec_ref[...] = plgpu.layout_cast(jnp.full(vec_ref.shape, fill, jnp.float32), ROW)
+    plgpu.commit_smem()
+
+
+def empty_unit_stores(num_busy: int, num_items: int, num_ctas: int, unit, stores):
+    """Producer side of the empty units: ``(hook, finish)``.
+
+    Empty units (no tile: keys no query sees, rows with no key, padded rows) come last in the work list,
+    after the ``num_busy`` busy ones, and no consumer visits them: the producer TMA-stores their outputs
+    from constant shared-memory tiles (:func:`fill_constant_tiles`). ``hook(item, tiles)`` is a
+    :func:`run_hooks` entry that stores one of the CTA's empty units while busy unit ``item`` streams,
+    so that the zero writes overlap the math instead of forming a tail at the kernel's end (EBALL at
+    2x8192: 47% of the units); ``finish()`` stores the empty units left after the CTA's last busy one.
+    ``stores(b, h, tile)`` gives the ``(smem source, gmem destination)`` pairs of one unit.
+    """
+    cta = lax.axis_index("cta")
+    busy = jnp.maximum(lax.div(num_busy - cta + (num_ctas - 1), num_ctas), 0)  # this CTA's busy units
+    shift = busy * num_ctas  # busy unit j of this CTA pairs with its empty unit j
+
+    def store(item):
+        @pl.when(item < num_items)
+        def _():
+            b, h, tile, _, _ = unit(jnp.minimum(item, num_items - 1))
+            for src, dst in stores(b, h, tile):
+                plgpu.copy_smem_to_gmem(src, dst)
+
+    def hook(item, tiles):
+        return jnp.minimum(tiles - 1, 1), lambda: store(item + shift)
+
+    def finish():
+        start = cta + 2 * shift
+        count = jnp.maximum(lax.div(num_items - start + (num_ctas - 1), num_ctas), 0)
+        lax.fori_loop(0, count, lambda j, carry: (store(start + j * num_ctas), carry)[1], jnp.int32(0))
+
+    return hook, finish
+
+
 def run_hooks(hooks, step, first):
     """Run each ``(at, fn)`` of ``hooks`` whose ``at`` is the ring position ``step`` less the unit's ``first``."""
     for at, fn in hooks:
@@ -494,7 +542,7 @@ def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
     """``(O [B, q_pad, H, Dp], lse2 [B, H, q_pad])`` for padded inputs (see the module docstring)."""
     c = plan.config
     bq, bk, stages, dim = c.block_q, c.block_kv, c.num_stages, plan.head_dim
-    records = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
+    records, num_busy = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
     num_ctas = persistent_grid(plan, int(records.shape[0]))
     dtype = q.dtype
     scratch = [
@@ -510,6 +558,8 @@ def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K free
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V free
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # schedule (ping-pong)
+        tiled_smem((bq, dim), dtype),  # zeros: O of empty units
+        plgpu.SMEM((bq,), jnp.float32),  # +inf: LSE of empty units
     ]
     out_type = [
         jax.ShapeDtypeStruct(q.shape, dtype),
@@ -517,7 +567,7 @@ def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
     ]
     args = [records, q, k, v] + ([q_seg, kv_seg] if plan.segments else [])
     out, lse = plgpu.kernel(
-        functools.partial(_fwd_kernel, plan=plan, num_ctas=num_ctas),
+        functools.partial(_fwd_kernel, plan=plan, num_ctas=num_ctas, num_busy=num_busy),
         out_type=out_type,
         scratch_types=scratch,
         grid=(num_ctas,),

@@ -58,7 +58,9 @@ def test_work_list_is_a_permutation_heaviest_first(heads, tiles, batch, seed):
 def test_work_list_plain_order():
     lengths = np.array([[0, 3], [5, 1]])
     items = mg.work_list(lengths, 2, lpt=False)
-    assert [tuple(r) for r in items[:4]] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
+    # (b, h, tile) order, the empty units (head 0, tile 0) last.
+    assert [tuple(r) for r in items] == [(0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0), (1, 1, 1),
+                                         (0, 0, 0), (1, 0, 0)]
 
 
 def test_lpt_beats_plain_order_on_exclusive_bands():
@@ -257,13 +259,15 @@ def test_forward_work_list_covers_every_padded_row_tile():
     config = mg.Config(block_q_dq=128)
     plan = mg.make_plan((2, 100, 2, 64), (2, 100, 2, 64), spec, scale=None, segments=False, config=config)
     assert plan.q_pad == 256
-    records = np.asarray(mg_fwd.static_tables(plan, 128, 128, transpose=False))
+    records, num_busy = mg_fwd.static_tables(plan, 128, 128, transpose=False)
+    records = np.asarray(records)
     b, h, tile = records[:, 0], records[:, 1], records[:, 2]
     keys = sorted(zip(b.tolist(), h.tolist(), tile.tolist()))
     assert keys == [(bb, hh, tt) for bb in range(2) for hh in range(2) for tt in range(2)]
     runs = records[:, 3 : 3 + 2 * schedule.RUNS_PER_INTERVAL * plan.slots]
     lengths = np.maximum(runs[:, 1::2] - runs[:, 0::2], 0).sum(1)
     assert np.all(lengths[tile == 1] == 0) and np.all(lengths[tile == 0] > 0)
+    assert num_busy == 4 and np.all(lengths[:num_busy] > 0)  # busy units first: the consumers' list
 
 
 # -- inputs and config ---------------------------------------------------------------------------------
@@ -376,6 +380,29 @@ def test_prefetch_names_the_rows_the_next_unit_loads(prefetch):
             assert (r["prefetches"] > 0) == prefetch, (name, cta, r["prefetches"])
 
 
+@pytest.mark.parametrize("case_index", [2, 4, 5])
+@pytest.mark.parametrize("num_ctas", [3, None])
+def test_every_output_row_is_stored_exactly_once(case_index, num_ctas):
+    """Each kernel's two outputs (O and LSE; dQ and delta; dK and dV) are TMA-stored exactly once per
+    element over all CTAs: busy units by their consumer warpgroups, empty units (EBALL keys no query
+    sees, rows with no key, padded rows) by the producer from its constant tiles. Simulated on the
+    traced kernels; a unit stored by both sides, or by neither, fails."""
+    dev = _mgpu_dev()
+    case = dev.CASES[case_index]
+    for name, closed in dev.kernel_jaxprs(case, dict(case[9], num_ctas=num_ctas)).items():
+        kj, kargs, grid, nt = dev.find_kernel(closed)
+        stores = []
+        for cta in range(grid[0]):
+            r = dev.simulate_cta(kj, kargs, cta, nt, dev.BARRIER_NAMES[name], "uniform", seed=cta)
+            assert not r["deadlock"] and not r["problems"], (name, cta, r)
+            stores += r["stores"]
+        counts = dev.store_counts(kj, kargs, stores)
+        outputs = (len(kj.invars) - 2, len(kj.invars) - 1)
+        assert sorted(counts) == list(outputs), (name, sorted(counts))
+        for i in outputs:
+            assert counts[i].min() == counts[i].max() == 1, (name, i, counts[i].min(), counts[i].max())
+
+
 def test_unused_prefetch_check_flags_a_prefetch_that_no_load_reads():
     dev = _mgpu_dev()
     q, k = object(), object()
@@ -445,7 +472,7 @@ def test_every_kernel_lowers_with_its_profiler_scopes(kernel, monkeypatch, tmp_p
     intern = profiler.ProfilerSpec.intern_name
     monkeypatch.setattr(profiler.ProfilerSpec, "intern_name", lambda self, name: seen.add(name) or intern(self, name))
     monkeypatch.setenv("SPATTN_MGPU_TRACE", str(tmp_path))
-    monkeypatch.setenv("SPATTN_MGPU_TRACE_SPACE", "450")
+    monkeypatch.setenv("SPATTN_MGPU_TRACE_SPACE", "256")
     f = _mgpu_dev().split_fns(1, 1024, "spattention", {}, heads=8)[kernel]
     x = jax.ShapeDtypeStruct((1, 1024, 8, 128), jnp.bfloat16)
     vec = jax.ShapeDtypeStruct((1, 8, 1024), jnp.float32)
@@ -521,3 +548,27 @@ def test_ncu_summary_takes_one_row_per_kernel_from_the_csv(tmp_path):
     assert first["mem%"] == "39.75 %"  # the SpeedOfLight-style percentage, not the later byte/s row
     assert first["grid"] == "(132, 1, 1)" and "no-elig%" not in first
     assert second["dur"] == "100,000 ns" and second["no-elig%"] == "61.68 %" and "spill-req" not in second
+
+
+def test_ncu_source_summary_groups_samples_by_region_of_equal_execution_count(tmp_path):
+    """``mgpu_dev.py ncusrc`` on an ``ncu --page source --csv --print-source sass`` export (its layout:
+    a kernel-name line, then the header): stall samples per reason, and per run of consecutive
+    instructions executed equally often (here a prologue, a loop body, an epilogue), hottest first."""
+    import argparse
+
+    head = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+            '"stall_barrier","stall_long_sb","stall_barrier (Not Issued)"')
+    sass = [("LDC R1, c[0x0][0x28]", 2, 8, 0, 2), ("S2R R0, SR_TID.X", 1, 8, 0, 1),
+            ("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ", 5, 96, 1, 0),
+            ("WARPGROUP.DEPBAR.LE gsb0, 0x0", 30, 96, 30, 0), ("@P1 BRA 0x100", 3, 96, 0, 3),
+            ("UTMASTG.5D [UR8], [UR4]", 7, 8, 0, 7)]
+    lines = ['"Kernel Name","anonymous_mosaic_gpu_kernel",', head]
+    for i, (src, n, ex, bar, lsb) in enumerate(sass):
+        lines.append(f'"0x{i * 16:x}","      {src}","{n}","{ex}","{bar}","{lsb}","{bar}"')
+    path = tmp_path / "src.csv"
+    path.write_text("\n".join(lines) + "\n")
+    got = _mgpu_dev().stage_ncusrc(argparse.Namespace(csv=str(path), top=5))
+    assert got["total"] == 48
+    assert got["reasons"] == {"stall_barrier": 31, "stall_long_sb": 13}  # "(Not Issued)" not double-counted
+    assert [(r["first"], r["last"], r["executions"], r["samples"]) for r in got["regions"]] == [
+        (0, 1, 8, 3), (2, 4, 96, 38), (5, 5, 8, 7)]
