@@ -213,6 +213,12 @@ def persistent_grid(plan: common.Plan, num_items: int) -> int:
     return max(1, min(want, num_items))
 
 
+def strided_count(start, stop: int, stride: int):
+    """How many of ``start, start + stride, ...`` lie below ``stop``; ``<= 0`` when none (a
+    ``fori_loop`` bound). Exact for ``start < stop + stride``, e.g. a CTA index against any list."""
+    return lax.div(stop - start + (stride - 1), stride)
+
+
 def item_loop(num_items: int, num_ctas: int, body, carry):
     """``body(item, carry)`` over this CTA's work items: ``cta, cta + G, cta + 2G, ...``.
 
@@ -220,7 +226,7 @@ def item_loop(num_items: int, num_ctas: int, body, carry):
     "wave" of the LPT order.
     """
     cta = lax.axis_index("cta")
-    count = lax.div(num_items - cta + (num_ctas - 1), num_ctas)
+    count = strided_count(cta, num_items, num_ctas)
     return lax.fori_loop(0, count, lambda j, c: body(cta + j * num_ctas, c), carry)
 
 
@@ -487,23 +493,19 @@ def empty_unit_stores(num_busy: int, num_items: int, num_ctas: int, unit, stores
     ``stores(b, h, tile)`` gives the ``(smem source, gmem destination)`` pairs of one unit.
     """
     cta = lax.axis_index("cta")
-    busy = jnp.maximum(lax.div(num_busy - cta + (num_ctas - 1), num_ctas), 0)  # this CTA's busy units
-    shift = busy * num_ctas  # busy unit j of this CTA pairs with its empty unit j
+    shift = strided_count(cta, num_busy, num_ctas) * num_ctas  # busy unit j of this CTA pairs with empty unit j
 
     def store(item):
-        @pl.when(item < num_items)
-        def _():
-            b, h, tile, _, _ = unit(jnp.minimum(item, num_items - 1))
-            for src, dst in stores(b, h, tile):
-                plgpu.copy_smem_to_gmem(src, dst)
+        for src, dst in stores(*unit(item)[:3]):
+            plgpu.copy_smem_to_gmem(src, dst)
 
     def hook(item, tiles):
-        return jnp.minimum(tiles - 1, 1), lambda: store(item + shift)
+        return jnp.minimum(tiles - 1, 1), lambda: pl.when(item + shift < num_items)(lambda: store(item + shift))
 
     def finish():
         start = cta + 2 * shift
-        count = jnp.maximum(lax.div(num_items - start + (num_ctas - 1), num_ctas), 0)
-        lax.fori_loop(0, count, lambda j, carry: (store(start + j * num_ctas), carry)[1], jnp.int32(0))
+        lax.fori_loop(0, strided_count(start, num_items, num_ctas), lambda j, c: (store(start + j * num_ctas), c)[1],
+                      jnp.int32(0))
 
     return hook, finish
 
