@@ -572,7 +572,12 @@ def stage_trace(args) -> list:
 # armed on a barrier phase that is already fully armed (transaction bytes of two phases mixed),
 # TMA phases that no warpgroup waited for (a copy may land after the CTA moved on or exited), and
 # L2 prefetches (``Config.prefetch``) that no later TMA load of the CTA reads from (wasted traffic:
-# the prefetch named the wrong unit's rows).
+# the prefetch named the wrong unit's rows). Shared-memory reuse is checked too (scratch buffers are
+# tracked per CTA, down to the indexed window): a TMA store reads its source until its issuer's
+# ``wait_smem_to_gmem`` covers its commit group, and a TMA load writes its destination until it lands;
+# a TMA load or a register store into a window that a pending store still reads, a register store
+# into a window a load is still writing, and a warpgroup exiting with stores still reading are
+# reported.
 
 
 class _Unknown:
@@ -586,7 +591,11 @@ UNK = _Unknown()
 
 
 class SimBuffer:
-    """Any ref whose contents the protocol does not need (SMEM buffers, GMEM tensors)."""
+    """Any ref whose contents the protocol does not need (SMEM buffers, GMEM tensors). Scratch buffers
+    carry a ``name`` and are shared by a CTA's warpgroups, for the shared-memory reuse checks."""
+
+    def __init__(self, name: str | None = None):
+        self.name = name
 
 
 class SimTable:
@@ -625,6 +634,57 @@ class _CtaState:
         self.alloc = {}
         self.barriers = []
         self.gmem = []  # ("load" | "prefetch" | "store", ref, ((start, size) per dim)) in issue order
+        self.store_reads = []  # [wg, commit group or None (not committed yet), buffer, box] of TMA stores
+        self.groups = {}  # wg -> commit groups so far
+        self.loads = []  # (buffer, box) of TMA loads not landed
+        self.problems = []
+
+
+def _smem_box(transforms):
+    """``[[start, stop], ...]`` of a shared-memory ref's window over the dims of its first indexer (its
+    logical shape), composing chained indexers; ``None``: the whole buffer. Data-dependent indices and
+    any transform after the first indexer widen the window (conservative)."""
+    box, alive = None, []
+    for t in transforms:
+        if not hasattr(t, "indices"):
+            if box is not None:
+                break
+            continue  # swizzle and tiling views: the logical shape is the first indexer's
+        if box is None:
+            box, alive = [[0, int(n)] for n in t.shape], list(range(len(t.shape)))
+        kept = []
+        for d, idx in zip(alive, t.indices):
+            lo = box[d][0]
+            if isinstance(idx, state_indexing.Slice):
+                kept.append(d)
+                if _concrete(idx.start):
+                    box[d] = [lo + int(idx.start), lo + int(idx.start) + int(idx.size) * int(idx.stride)]
+            elif _concrete(idx):
+                box[d] = [lo + int(idx), lo + int(idx) + 1]
+        alive = kept + alive[len(t.indices) :]
+    return box
+
+
+def _overlap(box_a, box_b) -> bool:
+    if box_a is None or box_b is None or len(box_a) != len(box_b):
+        return True
+    return all(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(box_a, box_b))
+
+
+def _smem_target(ref, transforms):
+    """``(buffer, box)`` of a scratch ref, ``None`` for anything else (GMEM, accumulators)."""
+    if not isinstance(ref, SimBuffer) or ref.name is None:
+        return None
+    return ref, _smem_box(transforms)
+
+
+def _still_read(cta, target) -> bool:
+    return any(b is target[0] and _overlap(box, target[1]) for _, _, b, box in cta.store_reads)
+
+
+def _box_str(target) -> str:
+    buf, box = target
+    return buf.name + ("" if box is None else "[" + ", ".join(f"{a}:{b}" for a, b in box) + "]")
 
 
 def unused_prefetches(log) -> list:
@@ -807,23 +867,64 @@ def _rule_barrier(kind):
 
 
 def _rule_copy_in(eqn, invals, ctx):
-    src, _, barrier, *flat = invals
+    src, dst, barrier, *flat = invals
     p = eqn.params
     n_src, n_dst = p["src_transforms_treedef"].num_leaves, p["dst_transforms_treedef"].num_leaves
     transforms = jax.tree_util.tree_unflatten(p["barrier_transforms_treedef"], flat[n_src + n_dst :])
     src_window = _window(jax.tree_util.tree_unflatten(p["src_transforms_treedef"], flat[:n_src]), "copy source")
+    target = _smem_target(dst, jax.tree_util.tree_unflatten(p["dst_transforms_treedef"], flat[n_src : n_src + n_dst]))
     ctx.cta.gmem.append(("load", src, src_window))
-    yield ("tma", barrier, _barrier_slot(barrier, transforms))
+    yield ("tma", barrier, _barrier_slot(barrier, transforms), target)
     return []
 
 
 def _rule_copy_out(eqn, invals, ctx):
-    _, dst, *flat = invals
+    src, dst, *flat = invals
     p = eqn.params
     n_src, n_dst = p["src_transforms_treedef"].num_leaves, p["dst_transforms_treedef"].num_leaves
     window = _window(jax.tree_util.tree_unflatten(p["dst_transforms_treedef"], flat[n_src : n_src + n_dst]), "store")
     ctx.cta.gmem.append(("store", dst, window))
+    target = _smem_target(src, jax.tree_util.tree_unflatten(p["src_transforms_treedef"], flat[:n_src]))
+    if target is not None:
+        wg = ctx.axes["wg"]
+        group = None
+        if p["commit_group"]:
+            group = ctx.cta.groups[wg] = ctx.cta.groups.get(wg, 0) + 1
+        ctx.cta.store_reads.append([wg, group, *target])
     return []
+    yield
+
+
+def _rule_commit_group(eqn, invals, ctx):
+    wg = ctx.axes["wg"]
+    group = ctx.cta.groups[wg] = ctx.cta.groups.get(wg, 0) + 1
+    for r in ctx.cta.store_reads:
+        if r[0] == wg and r[1] is None:
+            r[1] = group
+    return []
+    yield
+
+
+def _rule_wait_stores(eqn, invals, ctx):
+    # Reads are done once at most the n most recent commit groups of this warpgroup are in flight
+    # (with or without ``wait_read_only``: waiting for the writes waits for the reads too).
+    wg, n = ctx.axes["wg"], _index(invals[0], "wait_smem_to_gmem count")
+    done = ctx.cta.groups.get(wg, 0) - n
+    ctx.cta.store_reads = [r for r in ctx.cta.store_reads if not (r[0] == wg and r[1] is not None and r[1] <= done)]
+    return []
+    yield
+
+
+def _rule_swap(eqn, invals, ctx):
+    ref, _, *flat = invals
+    target = _smem_target(ref, jax.tree_util.tree_unflatten(eqn.params["tree"], flat))
+    if target is not None:
+        where = f"wg{ctx.axes['wg']}: register store into {_box_str(target)}"
+        if _still_read(ctx.cta, target):
+            ctx.cta.problems.append(f"{where} while a TMA store may still read it")
+        if any(b is target[0] and _overlap(box, target[1]) for b, box in ctx.cta.loads):
+            ctx.cta.problems.append(f"{where} while a TMA load writes it")
+    return [UNK] * len(eqn.outvars) if eqn.primitive.multiple_results else UNK
     yield
 
 
@@ -854,7 +955,9 @@ def _rule_run_scoped(eqn, invals, ctx):
                 ctx.cta.barriers.append(b)
             objs.append(ctx.cta.alloc[v])
         else:
-            objs.append(SimBuffer())
+            if v not in ctx.cta.alloc:
+                ctx.cta.alloc[v] = SimBuffer(f"scratch{len(ctx.cta.alloc) - len(ctx.cta.barriers)}")
+            objs.append(ctx.cta.alloc[v])
     outs = yield from _eval(inner, invals, objs, ctx)
     return outs
 
@@ -911,6 +1014,9 @@ _RULES = {
     "copy_gmem_to_smem": _rule_copy_in,
     "async_prefetch": _rule_prefetch,
     "copy_smem_to_gmem": _rule_copy_out,
+    "commit_group": _rule_commit_group,
+    "wait_smem_to_gmem": _rule_wait_stores,
+    "swap": _rule_swap,
     "axis_index": _rule_axis_index,
     "run_scoped": _rule_run_scoped,
     "cond": _rule_cond,
@@ -969,7 +1075,7 @@ def simulate_cta(kjaxpr, args, cta: int, num_threads: int, names, policy: str, s
     def ready(a):
         if a["done"]:
             return False
-        kind, b, i = a["event"]
+        kind, b, i = a["event"][:3]
         if kind != "wait":
             return True
         k = a["waits"].get((id(b), i), 0)
@@ -991,21 +1097,29 @@ def simulate_cta(kjaxpr, args, cta: int, num_threads: int, names, policy: str, s
             runnable = [a for a in runnable if a["wg"] != 1] or runnable
         land_p = 0.05 if policy == "tma_slow" else 0.5
         if landings and (not runnable or rng.random() < land_p):
-            b, i = landings.pop(rng.randrange(len(landings)))
+            b, i, target = landings.pop(rng.randrange(len(landings)))
+            if target is not None:
+                st.loads.remove(target)
             b.inflight[i] -= 1
             b.arrive(i)
             continue
         a = rng.choice(runnable)
-        kind, b, i = a["event"]
+        kind, b, i = a["event"][:3]
         a["n"] += 1
         if kind == "arrive":
             b.arrive(i)
         elif kind == "tma":
             if b.count[i] + b.inflight[i] >= b.arrivals:
                 problems.append(f"wg{a['wg']}: TMA on {b.name}[{i}] while phase {b.phase[i]} is already fully armed")
+            target = a["event"][3]
+            if target is not None:
+                if _still_read(st, target):
+                    problems.append(f"wg{a['wg']}: TMA load into {_box_str(target)} "
+                                    "while a TMA store may still read it")
+                st.loads.append(target)
             b.inflight[i] += 1
             b.tma[i] += 1
-            landings.append((b, i))
+            landings.append((b, i, target))
         else:
             k = a["waits"].get((id(b), i), 0)
             if b.phase[i] >= k + 2:
@@ -1021,7 +1135,7 @@ def simulate_cta(kjaxpr, args, cta: int, num_threads: int, names, policy: str, s
             if a["done"]:
                 deadlock.append(f"wg{a['wg']} done")
             else:
-                kind, b, i = a["event"]
+                kind, b, i = a["event"][:3]
                 k = a["waits"].get((id(b), i), 0)
                 deadlock.append(f"wg{a['wg']} waits {b.name}[{i}] (its wait #{k}; phase {b.phase[i]}, "
                                 f"{b.count[i]}/{b.arrivals} arrived)")
@@ -1033,6 +1147,9 @@ def simulate_cta(kjaxpr, args, cta: int, num_threads: int, names, policy: str, s
                     if b.phase[i] > waited:
                         problems.append(f"{b.name}[{i}]: {b.phase[i]} TMA phases, at most {waited} waited for")
         problems += [f"L2 prefetch of {w} that no later load reads" for w in unused_prefetches(st.gmem)]
+        problems += [f"wg{wg}: exits while a TMA store may still read {_box_str((buf, box))}"
+                     for wg, _, buf, box in st.store_reads]
+    problems += st.problems
     prefetches = sum(kind == "prefetch" for kind, _, _ in st.gmem)
     stores = [(ref, win) for kind, ref, win in st.gmem if kind == "store"]
     return dict(deadlock=deadlock, problems=problems, events=sum(a["n"] for a in agents), prefetches=prefetches,

@@ -403,6 +403,47 @@ def test_every_output_row_is_stored_exactly_once(case_index, num_ctas):
             assert counts[i].min() == counts[i].max() == 1, (name, i, counts[i].min(), counts[i].max())
 
 
+def test_shared_memory_reuse_check_flags_stores_that_are_not_waited_for(monkeypatch):
+    """The simulator's shared-memory checks: with ``wait_smem_to_gmem`` traced as a no-op, every kernel
+    rewrites a staging buffer that a TMA store may still read, and exits with stores still reading."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    dev = _mgpu_dev()
+    monkeypatch.setattr(plgpu, "wait_smem_to_gmem", lambda n, wait_read_only=False: None)
+    for name, closed in dev.kernel_jaxprs(dev.CASES[0], dict(num_ctas=1)).items():
+        kj, kargs, grid, nt = dev.find_kernel(closed)
+        r = dev.simulate_cta(kj, kargs, 0, nt, dev.BARRIER_NAMES[name], "uniform", seed=0)
+        assert not r["deadlock"], (name, r["deadlock"])
+        assert any("register store into" in p and "may still read it" in p for p in r["problems"]), name
+        assert any("exits while a TMA store may still read" in p for p in r["problems"]), name
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_shared_memory_reuse_check_flags_a_load_into_a_buffer_a_store_still_reads(wait):
+    """A TMA load into the source of an unfinished TMA store is flagged; waiting for the store's reads
+    first (``wait_smem_to_gmem(0, wait_read_only=True)``) clears it."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    dev = _mgpu_dev()
+
+    def body(x_ref, o_ref, buf, bar):
+        plgpu.copy_smem_to_gmem(buf, o_ref)
+        if wait:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.copy_gmem_to_smem(x_ref, buf, bar)
+        plgpu.barrier_wait(bar)
+        plgpu.wait_smem_to_gmem(0)
+
+    tile = jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)
+    kernel = plgpu.kernel(body, out_type=tile, scratch_types=[mg_fwd.tiled_smem((64, 64), jnp.bfloat16), plgpu.Barrier()],
+                          grid=(1,), grid_names=("cta",), num_threads=1, thread_name="wg")
+    kj, kargs, _, nt = dev.find_kernel(jax.make_jaxpr(kernel)(jnp.zeros(tile.shape, tile.dtype)))
+    r = dev.simulate_cta(kj, kargs, 0, nt, ["ready"], "uniform", seed=0)
+    assert not r["deadlock"]
+    flagged = [p for p in r["problems"] if "TMA load into" in p and "may still read it" in p]
+    assert bool(flagged) != wait, r["problems"]
+
+
 def test_unused_prefetch_check_flags_a_prefetch_that_no_load_reads():
     dev = _mgpu_dev()
     q, k = object(), object()
