@@ -678,8 +678,19 @@ def _smem_target(ref, transforms):
     return ref, _smem_box(transforms)
 
 
+def _hits(windows, target) -> bool:
+    """Whether any ``(buffer, box)`` of ``windows`` overlaps ``target``."""
+    return any(b is target[0] and _overlap(box, target[1]) for b, box in windows)
+
+
 def _still_read(cta, target) -> bool:
-    return any(b is target[0] and _overlap(box, target[1]) for _, _, b, box in cta.store_reads)
+    return _hits(((b, box) for _, _, b, box in cta.store_reads), target)
+
+
+def _next_group(cta, wg) -> int:
+    """Number the warpgroup's next TMA store commit group."""
+    cta.groups[wg] = cta.groups.get(wg, 0) + 1
+    return cta.groups[wg]
 
 
 def _box_str(target) -> str:
@@ -887,9 +898,7 @@ def _rule_copy_out(eqn, invals, ctx):
     target = _smem_target(src, jax.tree_util.tree_unflatten(p["src_transforms_treedef"], flat[:n_src]))
     if target is not None:
         wg = ctx.axes["wg"]
-        group = None
-        if p["commit_group"]:
-            group = ctx.cta.groups[wg] = ctx.cta.groups.get(wg, 0) + 1
+        group = _next_group(ctx.cta, wg) if p["commit_group"] else None
         ctx.cta.store_reads.append([wg, group, *target])
     return []
     yield
@@ -897,7 +906,7 @@ def _rule_copy_out(eqn, invals, ctx):
 
 def _rule_commit_group(eqn, invals, ctx):
     wg = ctx.axes["wg"]
-    group = ctx.cta.groups[wg] = ctx.cta.groups.get(wg, 0) + 1
+    group = _next_group(ctx.cta, wg)
     for r in ctx.cta.store_reads:
         if r[0] == wg and r[1] is None:
             r[1] = group
@@ -922,7 +931,7 @@ def _rule_swap(eqn, invals, ctx):
         where = f"wg{ctx.axes['wg']}: register store into {_box_str(target)}"
         if _still_read(ctx.cta, target):
             ctx.cta.problems.append(f"{where} while a TMA store may still read it")
-        if any(b is target[0] and _overlap(box, target[1]) for b, box in ctx.cta.loads):
+        if _hits(ctx.cta.loads, target):
             ctx.cta.problems.append(f"{where} while a TMA load writes it")
     return [UNK] * len(eqn.outvars) if eqn.primitive.multiple_results else UNK
     yield
