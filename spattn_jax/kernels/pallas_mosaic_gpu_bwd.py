@@ -221,18 +221,10 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
         plgpu.wait_smem_to_gmem(0)
 
 
-def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
-    """``(dQ [B, q_pad, H, Dp]`` in ``q.dtype``, ``delta [B, H, q_pad]`` fp32) from the forward's ``out``.
-
-    ``delta = rowsum(O * dO)``, 0 on padded rows (their dO is 0) and on rows of units with no tile;
-    the dK/dV kernel reads it.
-    """
-    c = plan.config
-    bq, bk, stages, dim = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd, plan.head_dim
-    records, num_busy = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
-    num_ctas = persistent_grid(plan, int(records.shape[0]))
-    dtype = q.dtype
-    scratch = [
+def dq_scratch(c: common.Config, dim: int, dtype) -> list:
+    """The dQ kernel's shared memory and barriers (``dim``: padded head dim)."""
+    bq, bk, stages = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd
+    return [
         tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # Q
         tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # dO
         tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # O (for delta)
@@ -250,6 +242,19 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
         tiled_smem((bq, dim), dtype),  # zeros: dQ of empty units
         plgpu.SMEM((bq,), jnp.float32),  # zeros: delta of empty units
     ]
+
+
+def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
+    """``(dQ [B, q_pad, H, Dp]`` in ``q.dtype``, ``delta [B, H, q_pad]`` fp32) from the forward's ``out``.
+
+    ``delta = rowsum(O * dO)``, 0 on padded rows (their dO is 0) and on rows of units with no tile;
+    the dK/dV kernel reads it.
+    """
+    c = plan.config
+    records, num_busy = static_tables(plan, COMPUTE_WGS * c.block_q_dq, c.block_kv_dq, transpose=False)
+    num_ctas = persistent_grid(plan, int(records.shape[0]))
+    dtype = q.dtype
+    scratch = dq_scratch(c, plan.head_dim, dtype)
     args = [records, q, k, v, do, lse, out] + ([q_seg, kv_seg] if plan.segments else [])
     return plgpu.kernel(
         functools.partial(_dq_kernel, plan=plan, num_ctas=num_ctas, num_busy=num_busy),
@@ -268,6 +273,12 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
 
 # -- dK / dV ------------------------------------------------------------------------------------------
 
+# Rows of the dK/dV kernel's zero tile. Pallas aligns every scratch buffer to 1 KiB; a 4-row tile (1 KiB,
+# and lse2/delta in one buffer) keeps the kernel at 162 KiB, inside the driver's 164 KiB shared-memory
+# carve-out instead of the 196 KiB one: SPA-default dK/dV 408 -> 393 us at 2x8192 on the H200, EBALL
+# +1.5 us for its 16x more zero stores (NOTES v11; why is open: ncu has the spills hitting L1 at both).
+ZERO_ROWS = 4
+
 
 def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
     c = plan.config
@@ -277,7 +288,8 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
     n_in = 9 if plan.segments else 7
     dk_ref, dv_ref = refs[n_in : n_in + 2]
     (k_smem2, v_smem2, stage_smem2, keys_ready, keys_free,
-     q_smem, do_smem, lse_smem, delta_smem, q_ready, do_ready, q_free, do_free, zero_smem) = refs[n_in + 2 :]
+     q_smem, do_smem, vec_smem, q_ready, do_ready, q_free, do_free, zero_smem) = refs[n_in + 2 :]
+    lse_smem, delta_smem = vec_smem.at[0], vec_smem.at[1]
     num_items = records_ref.shape[0]
     flags = plan.edge_masks(COMPUTE_WGS * bk + bq, transpose=True)
     unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
@@ -383,8 +395,10 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
         plgpu.set_max_registers(_register_split()[0], action="decrease")
 
         def empty_outputs(b, h, tile):
-            keys = [wg_slice(tile, w, bk) for w in range(COMPUTE_WGS)]
-            return [(zero_smem, ref.at[b, r, h]) for ref in (dk_ref, dv_ref) for r in keys]
+            # The zero tile is ZERO_ROWS rows: a key tile's outputs take bk / ZERO_ROWS stores each.
+            first = tile * COMPUTE_WGS * bk
+            pieces = [pl.ds(first + i * ZERO_ROWS, ZERO_ROWS) for i in range(COMPUTE_WGS * bk // ZERO_ROWS)]
+            return [(zero_smem, ref.at[b, r, h]) for ref in (dk_ref, dv_ref) for r in pieces]
 
         empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, unit, empty_outputs)
 
@@ -428,14 +442,10 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
         plgpu.wait_smem_to_gmem(0)
 
 
-def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
-    """``(dK, dV)``, each ``[B, kv_pad, H, Dp]`` in ``k.dtype``: per q head (sum GQA groups after)."""
-    c = plan.config
-    bq, bk, stages, dim = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd, plan.head_dim
-    records, num_busy = static_tables(plan, bq, COMPUTE_WGS * bk, transpose=True)
-    num_ctas = persistent_grid(plan, int(records.shape[0]))
-    dtype = k.dtype
-    scratch = [
+def dkv_scratch(c: common.Config, dim: int, dtype) -> list:
+    """The dK/dV kernel's shared memory and barriers (``dim``: padded head dim)."""
+    bq, bk, stages = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd
+    return [
         tiled_smem((COMPUTE_WGS, bk, dim), dtype),  # K
         tiled_smem((COMPUTE_WGS, bk, dim), dtype),  # V
         tiled_smem((COMPUTE_WGS, bk, dim), dtype),  # dK, then dV staging
@@ -443,15 +453,23 @@ def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K, V free (one arrival: its warpgroup)
         tiled_smem((stages, bq, dim), dtype),  # Q ring
         tiled_smem((stages, bq, dim), dtype),  # dO ring
-        plgpu.SMEM((stages, bq), jnp.float32),  # lse2 ring
-        plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
+        plgpu.SMEM((2, stages, bq), jnp.float32),  # lse2 and delta rings: one 1 KB-aligned buffer
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # Q + lse ready
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO + delta ready
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # Q free
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dO free
-        tiled_smem((bk, dim), dtype),  # zeros: dK and dV of empty units
+        plgpu.SMEM((ZERO_ROWS, dim), dtype),  # zeros: dK and dV of empty units, ZERO_ROWS rows a store
     ]
-    out_shape = jax.ShapeDtypeStruct((plan.batch, plan.kv_pad, plan.num_heads, dim), dtype)
+
+
+def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
+    """``(dK, dV)``, each ``[B, kv_pad, H, Dp]`` in ``k.dtype``: per q head (sum GQA groups after)."""
+    c = plan.config
+    records, num_busy = static_tables(plan, c.block_q_dkv, COMPUTE_WGS * c.block_kv_dkv, transpose=True)
+    num_ctas = persistent_grid(plan, int(records.shape[0]))
+    dtype = k.dtype
+    scratch = dkv_scratch(c, plan.head_dim, dtype)
+    out_shape = jax.ShapeDtypeStruct((plan.batch, plan.kv_pad, plan.num_heads, plan.head_dim), dtype)
     args = [records, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
     dk, dv = plgpu.kernel(
         functools.partial(_dkv_kernel, plan=plan, num_ctas=num_ctas, num_busy=num_busy),

@@ -474,8 +474,11 @@ def stream_kv_tiles(runs, flags, step, kv, *, b, kv_head: int, block_k: int, sta
 def fill_constant_tiles(tile_ref, vec_ref=None, fill: float = 0.0):
     """Zeros into ``tile_ref [rows, D]`` and ``fill`` into ``vec_ref [rows]`` (fp32): the producer's
     sources for the outputs of empty units (:func:`empty_unit_stores`). Runs before the producer gives
-    up its registers."""
-    tile_ref[...] = plgpu.layout_cast(jnp.zeros(tile_ref.shape, tile_ref.dtype), WGMMA)
+    up its registers. A tile of fewer than 64 rows (plain shared memory, no swizzle) is written with
+    a strided layout, ``rows * D / 128`` elements a thread."""
+    rows, cols = tile_ref.shape
+    layout = WGMMA if rows % 64 == 0 else plgpu.Layout.WG_STRIDED((rows, cols), vec_size=rows * cols // 128)
+    tile_ref[...] = plgpu.layout_cast(jnp.zeros(tile_ref.shape, tile_ref.dtype), layout)
     if vec_ref is not None:
         vec_ref[...] = plgpu.layout_cast(jnp.full(vec_ref.shape, fill, jnp.float32), ROW)
     plgpu.commit_smem()
@@ -540,14 +543,22 @@ def prefetch_hook(prefetch: bool, item, num_items: int, num_ctas: int, unit, til
     return ((jnp.maximum(tiles - PREFETCH_LEAD, 0), fn),)
 
 
-def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
-    """``(O [B, q_pad, H, Dp], lse2 [B, H, q_pad])`` for padded inputs (see the module docstring)."""
-    c = plan.config
-    bq, bk, stages, dim = c.block_q, c.block_kv, c.num_stages, plan.head_dim
-    records, num_busy = static_tables(plan, COMPUTE_WGS * bq, bk, transpose=False)
-    num_ctas = persistent_grid(plan, int(records.shape[0]))
-    dtype = q.dtype
-    scratch = [
+def scratch_bytes(scratch) -> int:
+    """Shared memory a kernel's ``scratch_types`` take: Pallas aligns every buffer to 1 KiB; barriers are
+    8 bytes each, after the buffers."""
+    total = 0
+    for x in scratch:
+        if isinstance(x, plgpu.Barrier):
+            total += 8 * math.prod(np.atleast_1d(x.num_barriers))
+        else:
+            total += -(-math.prod(x.shape) * jnp.dtype(x.dtype).itemsize // 1024) * 1024
+    return total
+
+
+def forward_scratch(c: common.Config, dim: int, dtype) -> list:
+    """The forward kernel's shared memory and barriers (``dim``: padded head dim)."""
+    bq, bk, stages = c.block_q, c.block_kv, c.num_stages
+    return [
         tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # Q
         tiled_smem((COMPUTE_WGS, bq, dim), dtype),  # O staging
         tiled_smem((stages, bk, dim), dtype),  # K ring
@@ -563,6 +574,15 @@ def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
         tiled_smem((bq, dim), dtype),  # zeros: O of empty units
         plgpu.SMEM((bq,), jnp.float32),  # +inf: LSE of empty units
     ]
+
+
+def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
+    """``(O [B, q_pad, H, Dp], lse2 [B, H, q_pad])`` for padded inputs (see the module docstring)."""
+    c = plan.config
+    records, num_busy = static_tables(plan, COMPUTE_WGS * c.block_q, c.block_kv, transpose=False)
+    num_ctas = persistent_grid(plan, int(records.shape[0]))
+    dtype = q.dtype
+    scratch = forward_scratch(c, plan.head_dim, dtype)
     out_type = [
         jax.ShapeDtypeStruct(q.shape, dtype),
         jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
