@@ -276,7 +276,7 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
 # Rows of the dK/dV kernel's zero tile. Pallas aligns every scratch buffer to 1 KiB; a 4-row tile (1 KiB,
 # and lse2/delta in one buffer) keeps the kernel at 162 KiB, inside the driver's 164 KiB shared-memory
 # carve-out instead of the 196 KiB one: SPA-default dK/dV 408 -> 393 us at 2x8192 on the H200, EBALL
-# +1.5 us for its 16x more zero stores (NOTES v11; why is open: ncu has the spills hitting L1 at both).
+# +1.5 us for its 16x more zero stores. ncu: 4x fewer register-spill loads miss L1 (NOTES v11).
 ZERO_ROWS = 4
 
 
@@ -453,7 +453,7 @@ def dkv_scratch(c: common.Config, dim: int, dtype) -> list:
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K, V free (one arrival: its warpgroup)
         tiled_smem((stages, bq, dim), dtype),  # Q ring
         tiled_smem((stages, bq, dim), dtype),  # dO ring
-        plgpu.SMEM((2, stages, bq), jnp.float32),  # lse2 and delta rings: one 1 KB-aligned buffer
+        plgpu.SMEM((2, stages, bq), jnp.float32),  # lse2 and delta rings: one buffer (Pallas aligns each to 1 KiB)
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # Q + lse ready
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO + delta ready
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # Q free
