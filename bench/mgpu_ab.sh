@@ -48,17 +48,7 @@ for step in ${*:-time check}; do
         echo "ncu $side rc=$? kernels=$(grep -c mosaic "$OUT/ncu_$side.csv")"
         pkill -9 -f "mgpu_dev.py profile" 2>/dev/null; sleep 1  # a killed ncu leaves its target holding the GPU
         grep -E "^profile|ERR|rror" "/tmp/ab_ncu_$side.log" | head -4
-        python3 - "$OUT/ncu_$side.csv" <<'PY'
-import csv, sys
-rows = [r for r in csv.reader(open(sys.argv[1])) if r]
-start = next((i for i, r in enumerate(rows) if "ID" in r[:1]), None)
-if start is not None:
-    head, body = rows[start], rows[start + 2 :]
-    keep = [i for i, h in enumerate(head) if h.startswith(("gpu__", "launch__shared", "l1tex__"))]
-    print(" | ".join(head[i].replace("l1tex__t_sectors_pipe_lsu_mem_local_op_", "local_") for i in keep))
-    for r in body:
-        print(" | ".join(r[i] for i in keep))
-PY
+        python3 bench/mgpu_dev.py ncusum --csv "$OUT/ncu_$side.csv" 2>&1 | grep -v "^#"
       done ;;
   esac
 done

@@ -1289,8 +1289,25 @@ NCU_METRICS = (
 )
 
 
+def _ncu_raw_summary(lines) -> list:
+    """``ncu --csv --page raw`` (one row per kernel, one column per metric, a units row under the header):
+    the time, shared-memory and L1 (``l1tex__``) columns of each kernel."""
+    import csv
+
+    head, _units, *body = [r for r in csv.reader(lines) if r]
+    keep = [i for i, h in enumerate(head) if h.startswith(("gpu__", "launch__shared", "l1tex__"))]
+    names = [head[i].replace("l1tex__t_sectors_pipe_lsu_mem_local_op_", "local_") for i in keep]
+    log(" | ".join(names))
+    rows = []
+    for r in body:
+        log(" | ".join(r[i] for i in keep))
+        rows.append(dict(zip(names, (r[i] for i in keep))))
+    return rows
+
+
 def stage_ncusum(args) -> list:
-    """A compact table of an ``ncu --csv --page details`` log: one row per profiled kernel."""
+    """A compact table of an ``ncu --csv --page details`` log: one row per profiled kernel (``--page raw``
+    logs: :func:`_ncu_raw_summary`)."""
     import csv
 
     lines = Path(args.csv).read_text(errors="replace").splitlines()
@@ -1298,6 +1315,8 @@ def stage_ncusum(args) -> list:
     if start is None:
         log(f"ncusum: no CSV header in {args.csv} (no kernel profiled?)")
         return []
+    if '"Metric Name"' not in lines[start]:
+        return _ncu_raw_summary(lines[start:])
     kernels: dict = {}
     for rec in csv.DictReader(lines[start:]):
         key = rec.get("ID")
@@ -1383,7 +1402,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="profile: calls per kernel")
     p.add_argument("--max-ctas", type=int, default=48, help="protocol: CTAs simulated per kernel (0: all)")
     p.add_argument("--policies", type=int, default=len(POLICIES), help="protocol: scheduling policies per CTA")
-    p.add_argument("--csv", default="", help="ncusum: the ncu --csv --page details log; ncusrc: the --page source one")
+    p.add_argument("--csv", default="", help="ncusum: the ncu --csv --page details (or raw) log; ncusrc: the --page source one")
     p.add_argument("--top", type=int, default=12, help="ncusrc: stall reasons and regions to print")
     p.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -1405,6 +1424,7 @@ def main(argv=None) -> int:
         rows = stage_protocol(args)
     elif args.stage == "ncusum":
         stage_ncusum(args)
+        return 0
     elif args.stage == "ncusrc":
         stage_ncusrc(args)
         return 0

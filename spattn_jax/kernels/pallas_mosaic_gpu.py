@@ -111,7 +111,7 @@ class Config:
         from spattn_jax.kernels import pallas_mosaic_gpu_fwd as fwd  # noqa: PLC0415
 
         lists = dict(forward=fwd.forward_scratch, dq=bwd.dq_scratch, dkv=bwd.dkv_scratch)
-        return {name: int(fwd.scratch_bytes(make(self, head_dim, jnp.bfloat16))) for name, make in lists.items()}
+        return {name: fwd.scratch_bytes(make(self, head_dim, jnp.bfloat16)) for name, make in lists.items()}
 
     @property
     def q_multiple(self) -> int:

@@ -396,8 +396,8 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
 
         def empty_outputs(b, h, tile):
             # The zero tile is ZERO_ROWS rows: a key tile's outputs take bk / ZERO_ROWS stores each.
-            first = tile * COMPUTE_WGS * bk
-            pieces = [pl.ds(first + i * ZERO_ROWS, ZERO_ROWS) for i in range(COMPUTE_WGS * bk // ZERO_ROWS)]
+            keys = cta_slice(tile, bk)
+            pieces = [pl.ds(keys.start + i * ZERO_ROWS, ZERO_ROWS) for i in range(keys.size // ZERO_ROWS)]
             return [(zero_smem, ref.at[b, r, h]) for ref in (dk_ref, dv_ref) for r in pieces]
 
         empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, unit, empty_outputs)

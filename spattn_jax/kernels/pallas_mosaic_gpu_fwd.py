@@ -549,7 +549,7 @@ def scratch_bytes(scratch) -> int:
     total = 0
     for x in scratch:
         if isinstance(x, plgpu.Barrier):
-            total += 8 * math.prod(np.atleast_1d(x.num_barriers))
+            total += 8 * int(np.prod(x.num_barriers))  # an int or a shape, by JAX version
         else:
             total += -(-math.prod(x.shape) * jnp.dtype(x.dtype).itemsize // 1024) * 1024
     return total

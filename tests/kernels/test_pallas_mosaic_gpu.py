@@ -612,6 +612,27 @@ def test_ncu_summary_takes_one_row_per_kernel_from_the_csv(tmp_path):
     assert second["dur"] == "100,000 ns" and second["no-elig%"] == "61.68 %" and "spill-req" not in second
 
 
+def test_ncu_summary_of_a_raw_page_keeps_time_shared_memory_and_l1_columns(tmp_path):
+    """``mgpu_dev.py ncusum`` on an ``ncu --csv --page raw`` log (one column per metric, a units row under
+    the header, as ``bench/mgpu_ab.sh`` writes it): one row per kernel with the time, shared-memory and
+    L1 columns, local-memory metric names shortened."""
+    import argparse
+
+    lines = ["==PROF== Disconnected from process 512",
+             '"ID","Kernel Name","gpu__time_duration.sum","launch__grid_size","launch__shared_mem_config_size",'
+             '"l1tex__t_sectors_pipe_lsu_mem_local_op_ld.sum"',
+             '"","","ns","","Kbyte","sector"',
+             '"0","anonymous_mosaic_gpu_kernel","405,472","132","167.936","11,740,800"',
+             '"1","anonymous_mosaic_gpu_kernel","163,744","132","200.704","0"']
+    path = tmp_path / "ncu_raw.csv"
+    path.write_text("\n".join(lines) + "\n")
+    rows = _mgpu_dev().stage_ncusum(argparse.Namespace(csv=str(path)))
+    assert rows == [
+        {"gpu__time_duration.sum": "405,472", "launch__shared_mem_config_size": "167.936", "local_ld.sum": "11,740,800"},
+        {"gpu__time_duration.sum": "163,744", "launch__shared_mem_config_size": "200.704", "local_ld.sum": "0"},
+    ]
+
+
 def test_ncu_source_summary_groups_samples_by_region_of_equal_execution_count(tmp_path):
     """``mgpu_dev.py ncusrc`` on an ``ncu --page source --csv --print-source sass`` export (its layout:
     a kernel-name line, then the header): stall samples per reason, and per run of consecutive
