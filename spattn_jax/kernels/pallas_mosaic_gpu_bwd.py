@@ -61,7 +61,7 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     item_loop,
     load_vec,
     loop_runs,
-    persistent_grid,
+    cta_units,
     read_unit,
     static_tables,
     tiled_smem,
@@ -76,16 +76,17 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
 # -- dQ -----------------------------------------------------------------------------------------------
 
 
-def _dq_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
+def _dq_kernel(*refs, plan: common.Plan, num_busy: int):
     c = plan.config
     bq, bk, stages, dim = c.block_q_dq, c.block_kv_dq, c.num_stages_bwd, plan.head_dim
-    (records_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref) = refs[:7]
-    qseg_ref, kseg_ref = (refs[7], refs[8]) if plan.segments else (None, None)
-    n_in = 9 if plan.segments else 7
+    (records_ref, ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, o_ref) = refs[:8]
+    qseg_ref, kseg_ref = (refs[8], refs[9]) if plan.segments else (None, None)
+    n_in = 10 if plan.segments else 8
     dq_ref, delta_ref = refs[n_in : n_in + 2]
     (q_smem2, do_smem2, o_smem2, dq_smem2, lse_smem2, delta_smem2, rows_ready, rows_free,
      k_smem, v_smem, k_ready, v_ready, k_free, v_free, zero_smem, zero_vec_smem) = refs[n_in + 2 :]
-    num_items = records_ref.shape[0]
+    num_items, num_ctas = records_ref.shape[0], ranges_ref.shape[0] - 1
+    units = cta_units(ranges_ref)
     flags = plan.edge_masks(COMPUTE_WGS * bq + bk, transpose=False)
     unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
     wg = lax.axis_index("wg")
@@ -177,7 +178,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
                 plgpu.commit_smem_to_gmem_group()
             return step
 
-        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        item_loop(units, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -190,7 +191,8 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
             return [(zero_smem, dq_ref.at[b, r, h]) for r in rows] + [
                 (zero_vec_smem, delta_ref.at[b, h, r]) for r in rows]
 
-        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, unit, empty_outputs)
+        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, units, unit,
+                                                                empty_outputs)
 
         def one_item(item, step):
             b, h, q_tile, runs, _ = unit(item)
@@ -199,7 +201,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
             for w in range(COMPUTE_WGS):
                 rows = wg_slice(q_tile, w, bq)
                 with jax.named_scope("p_wait_rows"):
-                    wait_unless(item < num_ctas, rows_free.at[w])  # the CTA's first unit: nothing to wait for
+                    wait_unless(item == units[0], rows_free.at[w])  # the CTA's first unit: nothing to wait for
                 # Four copies arrive on one barrier (num_arrivals=4).
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], rows_ready.at[w])
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem2.at[w], rows_ready.at[w])
@@ -213,10 +215,10 @@ def _dq_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
                 return [ref.at[b, rows, h] for ref in (q_ref, do_ref, o_ref)] + [lse_ref.at[b, h, rows]]
 
             hooks = (empty_hook(item, tiles),)
-            hooks += prefetch_hook(c.prefetch, item, num_busy, num_ctas, unit, tiles, unit_rows)
+            hooks += prefetch_hook(c.prefetch, item, units[1], unit, tiles, unit_rows)
             return stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
 
-        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        item_loop(units, one_item, jnp.int32(0))
         store_other_empty_units()
         plgpu.wait_smem_to_gmem(0)
 
@@ -251,13 +253,13 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
     the dK/dV kernel reads it.
     """
     c = plan.config
-    records, num_busy = static_tables(plan, COMPUTE_WGS * c.block_q_dq, c.block_kv_dq, transpose=False)
-    num_ctas = persistent_grid(plan, int(records.shape[0]))
+    records, ranges, num_busy = static_tables(plan, COMPUTE_WGS * c.block_q_dq, c.block_kv_dq, transpose=False)
+    num_ctas = ranges.shape[0] - 1
     dtype = q.dtype
     scratch = dq_scratch(c, plan.head_dim, dtype)
-    args = [records, q, k, v, do, lse, out] + ([q_seg, kv_seg] if plan.segments else [])
+    args = [records, ranges, q, k, v, do, lse, out] + ([q_seg, kv_seg] if plan.segments else [])
     return plgpu.kernel(
-        functools.partial(_dq_kernel, plan=plan, num_ctas=num_ctas, num_busy=num_busy),
+        functools.partial(_dq_kernel, plan=plan, num_busy=num_busy),
         out_type=[
             jax.ShapeDtypeStruct(q.shape, dtype),
             jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
@@ -280,17 +282,18 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
 ZERO_ROWS = 4
 
 
-def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
+def _dkv_kernel(*refs, plan: common.Plan, num_busy: int):
     c = plan.config
     bq, bk, stages, dim = c.block_q_dkv, c.block_kv_dkv, c.num_stages_bwd, plan.head_dim
-    (records_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:7]
-    qseg_ref, kseg_ref = (refs[7], refs[8]) if plan.segments else (None, None)
-    n_in = 9 if plan.segments else 7
+    (records_ref, ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:8]
+    qseg_ref, kseg_ref = (refs[8], refs[9]) if plan.segments else (None, None)
+    n_in = 10 if plan.segments else 8
     dk_ref, dv_ref = refs[n_in : n_in + 2]
     (k_smem2, v_smem2, stage_smem2, keys_ready, keys_free,
      q_smem, do_smem, vec_smem, q_ready, do_ready, q_free, do_free, zero_smem) = refs[n_in + 2 :]
     lse_smem, delta_smem = vec_smem.at[0], vec_smem.at[1]
-    num_items = records_ref.shape[0]
+    num_items, num_ctas = records_ref.shape[0], ranges_ref.shape[0] - 1
+    units = cta_units(ranges_ref)
     flags = plan.edge_masks(COMPUTE_WGS * bk + bq, transpose=True)
     unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
     wg = lax.axis_index("wg")
@@ -386,7 +389,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
                 plgpu.copy_smem_to_gmem(stage_smem, dv_ref.at[b, keys, h])
             return step
 
-        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        item_loop(units, one_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -400,7 +403,8 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
             pieces = [pl.ds(keys.start + i * ZERO_ROWS, ZERO_ROWS) for i in range(keys.size // ZERO_ROWS)]
             return [(zero_smem, ref.at[b, r, h]) for ref in (dk_ref, dv_ref) for r in pieces]
 
-        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, unit, empty_outputs)
+        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, units, unit,
+                                                                empty_outputs)
 
         def one_item(item, step):
             b, h, kv_tile, runs, _ = unit(item)
@@ -412,11 +416,11 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
                 return [ref.at[b, cta_slice(tile, bk), h // plan.groups] for ref in (k_ref, v_ref)]
 
             hooks = (empty_hook(item, tiles),)
-            hooks += prefetch_hook(c.prefetch, item, num_busy, num_ctas, unit, tiles, unit_keys)
+            hooks += prefetch_hook(c.prefetch, item, units[1], unit, tiles, unit_keys)
             for w in range(COMPUTE_WGS):
                 keys = wg_slice(kv_tile, w, bk)
                 with jax.named_scope("p_wait_keys"):
-                    wait_unless(item < num_ctas, keys_free.at[w])  # the CTA's first unit: nothing to wait for
+                    wait_unless(item == units[0], keys_free.at[w])  # the CTA's first unit: nothing to wait for
                 plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem2.at[w], keys_ready.at[w])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem2.at[w], keys_ready.at[w])
 
@@ -437,7 +441,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
 
             return loop_runs(runs, flags, body, step)
 
-        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        item_loop(units, one_item, jnp.int32(0))
         store_other_empty_units()
         plgpu.wait_smem_to_gmem(0)
 
@@ -465,14 +469,14 @@ def dkv_scratch(c: common.Config, dim: int, dtype) -> list:
 def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
     """``(dK, dV)``, each ``[B, kv_pad, H, Dp]`` in ``k.dtype``: per q head (sum GQA groups after)."""
     c = plan.config
-    records, num_busy = static_tables(plan, c.block_q_dkv, COMPUTE_WGS * c.block_kv_dkv, transpose=True)
-    num_ctas = persistent_grid(plan, int(records.shape[0]))
+    records, ranges, num_busy = static_tables(plan, c.block_q_dkv, COMPUTE_WGS * c.block_kv_dkv, transpose=True)
+    num_ctas = ranges.shape[0] - 1
     dtype = k.dtype
     scratch = dkv_scratch(c, plan.head_dim, dtype)
     out_shape = jax.ShapeDtypeStruct((plan.batch, plan.kv_pad, plan.num_heads, plan.head_dim), dtype)
-    args = [records, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
+    args = [records, ranges, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
     dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, plan=plan, num_ctas=num_ctas, num_busy=num_busy),
+        functools.partial(_dkv_kernel, plan=plan, num_busy=num_busy),
         out_type=[out_shape, out_shape],
         scratch_types=scratch,
         grid=(num_ctas,),

@@ -1,9 +1,9 @@
 """Forward band-attention kernel in Pallas Mosaic GPU (Hopper): TMA + wgmma, FA3-style warpgroups.
 
 A CTA works on one work-list entry ``(b, h, q_tile)`` of ``2 * block_q`` query rows at a time. By
-default the CTAs are persistent (one per SM), walking the list with a stride and reading each
-entry's scalars from one work record (:func:`static_tables`); ``Config.num_ctas = 0`` launches one
-CTA per entry instead:
+default the CTAs are persistent (one per SM), each running its greedy share of the list
+(:func:`static_tables`) and reading each entry's scalars from one work record; ``Config.num_ctas = 0``
+launches one CTA per entry instead:
 
 * warpgroups 0 and 1 (consumers) own ``block_q`` rows each: ``S = Q K^T`` and ``O += P V`` with
   wgmma from shared memory, online softmax in registers (base 2, fp32). A shared "schedule"
@@ -219,15 +219,17 @@ def strided_count(start, stop: int, stride: int):
     return lax.div(stop - start + (stride - 1), stride)
 
 
-def item_loop(num_items: int, num_ctas: int, body, carry):
-    """``body(item, carry)`` over this CTA's work items: ``cta, cta + G, cta + 2G, ...``.
-
-    The list is sorted heaviest first, so the strided split hands every CTA one unit of each
-    "wave" of the LPT order.
-    """
+def cta_units(ranges_ref):
+    """``(first, stop)``: this CTA's busy work items are ``first, ..., stop - 1`` (scalars read from the
+    ``[G + 1]`` offsets of :func:`static_tables`)."""
     cta = lax.axis_index("cta")
-    count = strided_count(cta, num_items, num_ctas)
-    return lax.fori_loop(0, count, lambda j, c: body(cta + j * num_ctas, c), carry)
+    return ranges_ref[cta], ranges_ref[cta + 1]
+
+
+def item_loop(units, body, carry):
+    """``body(item, carry)`` over this CTA's busy work items, ``units = (first, stop)`` of :func:`cta_units`."""
+    first, stop = units
+    return lax.fori_loop(0, stop - first, lambda j, c: body(first + j, c), carry)
 
 
 def count_tiles(runs):
@@ -241,16 +243,26 @@ def count_tiles(runs):
 RECORD_WORDS = 32  # int32 fields per work record: one 128-byte cache line
 
 
-def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool) -> tuple[jax.Array, int]:
-    """``(int32 [items, 32 k]`` work records, one per work-list entry, as a device constant; the number
-    of busy units``)``: the first ``num_busy`` records have tiles, the rest are empty units.
+# A unit's fixed cost in tiles when dealing units to CTAs: its row loads at the boundary and its
+# epilogue (in-kernel traces, NOTES v6: 0.4 tile in the forward to 1.5 in dQ).
+UNIT_COST = 1.0
 
-    Record ``i`` of the work list (heaviest first) holds ``b, h, tile``, then the unit's ``3 slots``
-    ``(start, stop)`` runs, then its head's ``slots`` ``(lo, hi)`` intervals, then the ``3 slots`` edge
-    bounds (:func:`schedule.edge_bounds`): everything a unit reads, in one cache line (two for more
-    than two intervals per head) and with no dependent load (a work list indexing a run table costs
-    two global round trips per unit). ``block_q`` / ``block_k`` are the tiles the schedule is cut at: the
-    CTA's tile on its own axis (both consumer warpgroups together) and the pipelined tile.
+
+def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool) -> tuple[jax.Array, jax.Array, int]:
+    """``(records int32 [items, 32 k], ranges int32 [G + 1], num_busy)`` as device constants, for ``G``
+    CTAs (:func:`persistent_grid`).
+
+    The work list holds the ``num_busy`` busy units first, then the empty ones. The busy units are dealt
+    to the CTAs greedily, heaviest first (:func:`common.balance`, cost = tiles + :data:`UNIT_COST`),
+    and stored CTA by CTA: CTA ``c`` runs records ``ranges[c] : ranges[c + 1]``. The empty units
+    (:func:`empty_unit_stores`) are strided over the CTAs.
+
+    Record ``i`` holds ``b, h, tile``, then the unit's ``3 slots`` ``(start, stop)`` runs, then its
+    head's ``slots`` ``(lo, hi)`` intervals, then the ``3 slots`` edge bounds
+    (:func:`schedule.edge_bounds`): everything a unit reads, in one cache line (two for more than two
+    intervals per head) and with no dependent load (a work list indexing a run table costs two global
+    round trips per unit). ``block_q`` / ``block_k`` are the tiles the schedule is cut at: the CTA's
+    tile on its own axis (both consumer warpgroups together) and the pipelined tile.
     """
     runs = common.run_table(plan.intervals, block_q, block_k, plan.q_len, plan.kv_len, transpose)
     if not transpose:
@@ -258,7 +270,13 @@ def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool
         # the forward and dQ kernels then write every padded row (LSE +inf, delta 0) that the dK/dV
         # kernel may read.
         runs = np.pad(runs, ((0, 0), (0, plan.q_pad // block_q - runs.shape[1]), (0, 0)))
-    items = common.work_list(common.run_lengths(runs), plan.batch, lpt=plan.config.lpt)
+    lengths = common.run_lengths(runs)
+    items = common.work_list(lengths, plan.batch, lpt=plan.config.lpt)
+    tiles = lengths[items[:, 1], items[:, 2]]
+    num_busy = int(np.count_nonzero(tiles))
+    num_ctas = persistent_grid(plan, len(items))
+    order, ranges = common.balance(tiles[:num_busy] + UNIT_COST, num_ctas)
+    items[:num_busy] = items[:num_busy][order]
     bands = common.interval_table(plan)
     bounds = schedule.edge_bounds(plan.intervals, plan.slots, transpose)
     b, h, tile = items.T
@@ -266,22 +284,23 @@ def static_tables(plan: common.Plan, block_q: int, block_k: int, transpose: bool
     width = RECORD_WORDS * -(-fields.shape[1] // RECORD_WORDS)
     records = np.zeros((len(items), width), np.int32)
     records[:, : fields.shape[1]] = fields
-    return jnp.asarray(records), int(np.count_nonzero(common.run_lengths(runs)[h, tile]))
+    return jnp.asarray(records), jnp.asarray(ranges), num_busy
 
 
 # -- the kernel ---------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
+def _fwd_kernel(*refs, plan: common.Plan, num_busy: int):
     c = plan.config
     bq, bk, stages, dim = c.block_q, c.block_kv, c.num_stages, plan.head_dim
-    n_in = 6 if plan.segments else 4
-    records_ref, q_ref, k_ref, v_ref = refs[:4]
-    qseg_ref, kseg_ref = refs[4:6] if plan.segments else (None, None)
+    n_in = 7 if plan.segments else 5
+    records_ref, ranges_ref, q_ref, k_ref, v_ref = refs[:5]
+    qseg_ref, kseg_ref = refs[5:7] if plan.segments else (None, None)
     o_ref, lse_ref = refs[n_in : n_in + 2]
     (q_smem2, o_smem2, k_smem, v_smem, lse_smem2, q_ready, q_free, k_ready, v_ready, k_free, v_free, sched,
      zero_smem, inf_smem) = refs[n_in + 2 :]
-    num_items = records_ref.shape[0]
+    num_items, num_ctas = records_ref.shape[0], ranges_ref.shape[0] - 1
+    units = cta_units(ranges_ref)
     flags = plan.edge_masks(COMPUTE_WGS * bq + bk, transpose=False)
     unit = functools.partial(read_unit, records_ref, slots=plan.slots, num_runs=len(flags))
     wg = lax.axis_index("wg")
@@ -386,7 +405,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
             plgpu.commit_smem_to_gmem_group()
 
         pl.when(wg == 1)(schedule_sync)  # stagger: warpgroup 1 starts one phase behind
-        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        item_loop(units, one_item, jnp.int32(0))
         pl.when(wg == 0)(schedule_sync)
         plgpu.wait_smem_to_gmem(0)
 
@@ -399,7 +418,8 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
             rows = [wg_slice(tile, w, bq) for w in range(COMPUTE_WGS)]
             return [(zero_smem, o_ref.at[b, r, h]) for r in rows] + [(inf_smem, lse_ref.at[b, h, r]) for r in rows]
 
-        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, unit, empty_outputs)
+        empty_hook, store_other_empty_units = empty_unit_stores(num_busy, num_items, num_ctas, units, unit,
+                                                                empty_outputs)
 
         def one_item(item, step):
             b, h, q_tile, runs, _ = unit(item)
@@ -410,7 +430,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
                 # This unit's Q half ``w``, once warpgroup ``w`` released the previous unit's Q.
                 rows = wg_slice(q_tile, w, bq)
                 with jax.named_scope("p_wait_q"):
-                    wait_unless(item < num_ctas, q_free.at[w])  # the CTA's first unit: nothing to wait for
+                    wait_unless(item == units[0], q_free.at[w])  # the CTA's first unit: nothing to wait for
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem2.at[w], q_ready.at[w])
 
             # Warpgroup 0's Q first, warpgroup 1's only after the unit's first K/V tile. The ping-pong
@@ -422,10 +442,10 @@ def _fwd_kernel(*refs, plan: common.Plan, num_ctas: int, num_busy: int):
             kv = (k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free)
             unit_q = lambda b, h, tile: [q_ref.at[b, cta_slice(tile, bq), h]]  # noqa: E731
             hooks = ((0, lambda: load_q(1)), empty_hook(item, tiles))
-            hooks += prefetch_hook(c.prefetch, item, num_busy, num_ctas, unit, tiles, unit_q)
+            hooks += prefetch_hook(c.prefetch, item, units[1], unit, tiles, unit_q)
             return stream_kv_tiles(runs, flags, step, kv, b=b, kv_head=kv_head, block_k=bk, stages=stages, hooks=hooks)
 
-        item_loop(num_busy, num_ctas, one_item, jnp.int32(0))
+        item_loop(units, one_item, jnp.int32(0))
         store_other_empty_units()
         plgpu.wait_smem_to_gmem(0)
 
@@ -484,29 +504,32 @@ def fill_constant_tiles(tile_ref, vec_ref=None, fill: float = 0.0):
     plgpu.commit_smem()
 
 
-def empty_unit_stores(num_busy: int, num_items: int, num_ctas: int, unit, stores):
+def empty_unit_stores(num_busy: int, num_items: int, num_ctas: int, units, unit, stores):
     """Producer side of the empty units: ``(hook, finish)``.
 
     Empty units (no tile: keys no query sees, rows with no key, padded rows) come last in the work list,
     after the ``num_busy`` busy ones, and no consumer visits them: the producer TMA-stores their outputs
-    from constant shared-memory tiles (:func:`fill_constant_tiles`). ``hook(item, tiles)`` is a
-    :func:`run_hooks` entry that stores one of the CTA's empty units while busy unit ``item`` streams,
-    so that the zero writes overlap the math instead of forming a tail at the kernel's end (EBALL at
-    2x8192: 47% of the units); ``finish()`` stores the empty units left after the CTA's last busy one.
-    ``stores(b, h, tile)`` gives the ``(smem source, gmem destination)`` pairs of one unit.
+    from constant shared-memory tiles (:func:`fill_constant_tiles`). CTA ``c`` owns empty units
+    ``num_busy + c, num_busy + c + G, ...``; ``hook(item, tiles)`` is a :func:`run_hooks` entry that
+    stores the CTA's ``j``-th empty unit while its ``j``-th busy unit ``item`` streams, so that the zero
+    writes overlap the math instead of forming a tail at the kernel's end (EBALL at 2x8192: 47% of
+    the units); ``finish()`` stores the ones left after the CTA's last busy unit. ``units = (first,
+    stop)``: the CTA's busy items (:func:`cta_units`). ``stores(b, h, tile)`` gives the ``(smem source,
+    gmem destination)`` pairs of one unit.
     """
-    cta = lax.axis_index("cta")
-    shift = strided_count(cta, num_busy, num_ctas) * num_ctas  # busy unit j of this CTA pairs with empty unit j
+    first, stop = units
+    own = num_busy + lax.axis_index("cta")  # the CTA's first empty unit
 
     def store(item):
         for src, dst in stores(*unit(item)[:3]):
             plgpu.copy_smem_to_gmem(src, dst)
 
     def hook(item, tiles):
-        return jnp.minimum(tiles - 1, 1), lambda: pl.when(item + shift < num_items)(lambda: store(item + shift))
+        empty = own + (item - first) * num_ctas
+        return jnp.minimum(tiles - 1, 1), lambda: pl.when(empty < num_items)(lambda: store(empty))
 
     def finish():
-        start = cta + 2 * shift
+        start = own + (stop - first) * num_ctas
         lax.fori_loop(0, strided_count(start, num_items, num_ctas), lambda j, c: (store(start + j * num_ctas), c)[1],
                       jnp.int32(0))
 
@@ -521,21 +544,22 @@ def run_hooks(hooks, step, first):
         pl.when(step == first if isinstance(at, int) and at == 0 else step == first + at)(fn)
 
 
-def prefetch_hook(prefetch: bool, item, num_items: int, num_ctas: int, unit, tiles, slices):
-    """``(index, fn)``: prefetch into L2 the rows the CTA's next unit will load, ``PREFETCH_LEAD`` tiles
-    before this unit's end, or ``()`` when ``Config.prefetch`` is off.
+def prefetch_hook(prefetch: bool, item, stop, unit, tiles, slices):
+    """``(index, fn)``: prefetch into L2 the rows the CTA's next unit (``item + 1``, if below the CTA's
+    ``stop``) will load, ``PREFETCH_LEAD`` tiles before this unit's end, or ``()`` when
+    ``Config.prefetch`` is off.
 
     ``slices(b, h, tile)`` gives the GMEM ref slices of that unit's rows. Its TMA loads then hit L2
     instead of HBM at the unit boundary, where the consumers wait for them.
     """
     if not prefetch:
         return ()
-    nxt = item + num_ctas
+    nxt = item + 1
 
     def fn():
-        b, h, tile, runs, _ = unit(jnp.minimum(nxt, num_items - 1))
+        b, h, tile, _, _ = unit(jnp.minimum(nxt, stop - 1))
 
-        @pl.when((nxt < num_items) & (count_tiles(runs) > 0))
+        @pl.when(nxt < stop)
         def _():
             for ref in slices(b, h, tile):
                 plgpu.async_prefetch(ref)
@@ -579,17 +603,17 @@ def forward_scratch(c: common.Config, dim: int, dtype) -> list:
 def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
     """``(O [B, q_pad, H, Dp], lse2 [B, H, q_pad])`` for padded inputs (see the module docstring)."""
     c = plan.config
-    records, num_busy = static_tables(plan, COMPUTE_WGS * c.block_q, c.block_kv, transpose=False)
-    num_ctas = persistent_grid(plan, int(records.shape[0]))
+    records, ranges, num_busy = static_tables(plan, COMPUTE_WGS * c.block_q, c.block_kv, transpose=False)
+    num_ctas = ranges.shape[0] - 1
     dtype = q.dtype
     scratch = forward_scratch(c, plan.head_dim, dtype)
     out_type = [
         jax.ShapeDtypeStruct(q.shape, dtype),
         jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
     ]
-    args = [records, q, k, v] + ([q_seg, kv_seg] if plan.segments else [])
+    args = [records, ranges, q, k, v] + ([q_seg, kv_seg] if plan.segments else [])
     out, lse = plgpu.kernel(
-        functools.partial(_fwd_kernel, plan=plan, num_ctas=num_ctas, num_busy=num_busy),
+        functools.partial(_fwd_kernel, plan=plan, num_busy=num_busy),
         out_type=out_type,
         scratch_types=scratch,
         grid=(num_ctas,),
