@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 from typing import Any
 
 import jax
@@ -239,8 +240,6 @@ def balance(costs: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray]:
     Returns:
       ``order`` ``int64 [units]`` (a permutation) and ``offsets`` ``int32 [workers + 1]``.
     """
-    import heapq  # noqa: PLC0415
-
     free = [(0.0, w) for w in range(workers)]
     owner = np.empty(len(costs), np.int64)
     for i, cost in enumerate(costs):
