@@ -27,7 +27,7 @@ for step in $steps; do
   case "$step" in
     tests)
       for k in ${TESTS_K:-mosaic triton}; do
-        JAX_PLATFORMS=cuda HYPOTHESIS_PROFILE=gpu timeout "${TESTS_S:-200}" python3 -m pytest -v --tb=short \
+        JAX_PLATFORMS=cuda HYPOTHESIS_PROFILE=gpu timeout "${TESTS_S:-280}" python3 -m pytest -v --tb=short \
           --durations=5 -p no:randomly -p no:cacheprovider tests/kernels/test_kernels.py -k "$k" \
           >"$OUT/gpu_tests_$k.log" 2>&1
         echo "tests $k rc=$?"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_$k.log" | tail -20
