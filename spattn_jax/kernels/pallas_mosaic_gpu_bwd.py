@@ -54,11 +54,11 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     stream_kv_tiles,
     bcast_cols,
     bcast_rows,
-    compiler_params,
     count_tiles,
     cta_slice,
     wg_slice,
     item_loop,
+    launch,
     load_vec,
     loop_runs,
     cta_units,
@@ -253,24 +253,13 @@ def backward_dq(plan: common.Plan, q, k, v, do, lse, out, q_seg, kv_seg):
     the dK/dV kernel reads it.
     """
     c = plan.config
-    records, ranges, num_busy = static_tables(plan, COMPUTE_WGS * c.block_q_dq, c.block_kv_dq, transpose=False)
-    num_ctas = ranges.shape[0] - 1
-    dtype = q.dtype
-    scratch = dq_scratch(c, plan.head_dim, dtype)
-    args = [records, ranges, q, k, v, do, lse, out] + ([q_seg, kv_seg] if plan.segments else [])
-    return plgpu.kernel(
-        functools.partial(_dq_kernel, plan=plan, num_busy=num_busy),
-        out_type=[
-            jax.ShapeDtypeStruct(q.shape, dtype),
-            jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
-        ],
-        scratch_types=scratch,
-        grid=(num_ctas,),
-        grid_names=("cta",),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params(),
-    )(*args)
+    tables = static_tables(plan, COMPUTE_WGS * c.block_q_dq, c.block_kv_dq, transpose=False)
+    out_type = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
+    ]
+    inputs = [q, k, v, do, lse, out] + ([q_seg, kv_seg] if plan.segments else [])
+    return launch(_dq_kernel, plan, tables, inputs, out_type, dq_scratch(c, plan.head_dim, q.dtype))
 
 
 # -- dK / dV ------------------------------------------------------------------------------------------
@@ -469,20 +458,8 @@ def dkv_scratch(c: common.Config, dim: int, dtype) -> list:
 def backward_dkv(plan: common.Plan, q, k, v, do, lse, delta, q_seg, kv_seg):
     """``(dK, dV)``, each ``[B, kv_pad, H, Dp]`` in ``k.dtype``: per q head (sum GQA groups after)."""
     c = plan.config
-    records, ranges, num_busy = static_tables(plan, c.block_q_dkv, COMPUTE_WGS * c.block_kv_dkv, transpose=True)
-    num_ctas = ranges.shape[0] - 1
-    dtype = k.dtype
-    scratch = dkv_scratch(c, plan.head_dim, dtype)
-    out_shape = jax.ShapeDtypeStruct((plan.batch, plan.kv_pad, plan.num_heads, plan.head_dim), dtype)
-    args = [records, ranges, q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
-    dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, plan=plan, num_busy=num_busy),
-        out_type=[out_shape, out_shape],
-        scratch_types=scratch,
-        grid=(num_ctas,),
-        grid_names=("cta",),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params(),
-    )(*args)
+    tables = static_tables(plan, c.block_q_dkv, COMPUTE_WGS * c.block_kv_dkv, transpose=True)
+    out_shape = jax.ShapeDtypeStruct((plan.batch, plan.kv_pad, plan.num_heads, plan.head_dim), k.dtype)
+    inputs = [q, k, v, do, lse, delta] + ([q_seg, kv_seg] if plan.segments else [])
+    dk, dv = launch(_dkv_kernel, plan, tables, inputs, [out_shape, out_shape], dkv_scratch(c, plan.head_dim, k.dtype))
     return dk, dv

@@ -600,26 +600,31 @@ def forward_scratch(c: common.Config, dim: int, dtype) -> list:
     ]
 
 
-def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
-    """``(O [B, q_pad, H, Dp], lse2 [B, H, q_pad])`` for padded inputs (see the module docstring)."""
-    c = plan.config
-    records, ranges, num_busy = static_tables(plan, COMPUTE_WGS * c.block_q, c.block_kv, transpose=False)
-    num_ctas = ranges.shape[0] - 1
-    dtype = q.dtype
-    scratch = forward_scratch(c, plan.head_dim, dtype)
-    out_type = [
-        jax.ShapeDtypeStruct(q.shape, dtype),
-        jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
-    ]
-    args = [records, ranges, q, k, v] + ([q_seg, kv_seg] if plan.segments else [])
-    out, lse = plgpu.kernel(
-        functools.partial(_fwd_kernel, plan=plan, num_busy=num_busy),
+def launch(kernel, plan: common.Plan, tables, inputs: list, out_type: list, scratch: list):
+    """Run ``kernel(*refs, plan=plan, num_busy=...)`` on one persistent CTA per ``ranges`` entry, each of
+    ``COMPUTE_WGS + 1`` warpgroups. ``tables = (records, ranges, num_busy)`` from :func:`static_tables`; the
+    kernel's refs are ``records, ranges``, then ``inputs``, the outputs (``out_type``) and ``scratch``."""
+    records, ranges, num_busy = tables
+    return plgpu.kernel(
+        functools.partial(kernel, plan=plan, num_busy=num_busy),
         out_type=out_type,
         scratch_types=scratch,
-        grid=(num_ctas,),
+        grid=(ranges.shape[0] - 1,),
         grid_names=("cta",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=compiler_params(),
-    )(*args)
+    )(records, ranges, *inputs)
+
+
+def forward(plan: common.Plan, q, k, v, q_seg, kv_seg):
+    """``(O [B, q_pad, H, Dp], lse2 [B, H, q_pad])`` for padded inputs (see the module docstring)."""
+    c = plan.config
+    tables = static_tables(plan, COMPUTE_WGS * c.block_q, c.block_kv, transpose=False)
+    out_type = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((plan.batch, plan.num_heads, plan.q_pad), jnp.float32),
+    ]
+    inputs = [q, k, v] + ([q_seg, kv_seg] if plan.segments else [])
+    out, lse = launch(_fwd_kernel, plan, tables, inputs, out_type, forward_scratch(c, plan.head_dim, q.dtype))
     return out, lse
