@@ -46,7 +46,9 @@ for step in ${*:-time check}; do
           python3 "$root/bench/mgpu_dev.py" profile --shapes 2x8192 --masks spattention,spattention_exclusive \
           --out "/tmp/ab_ncu_$side" >"/tmp/ab_ncu_$side.log" 2>&1
         echo "ncu $side rc=$? kernels=$(grep -c mosaic "$OUT/ncu_$side.csv")"
-        pkill -9 -f "mgpu_dev.py profile" 2>/dev/null; sleep 1  # a killed ncu leaves its target holding the GPU
+        # A killed ncu leaves its target holding the GPU. The pattern is anchored at the target's argv[0]:
+        # a bare "mgpu_dev.py profile" also matches any shell whose command line contains it (and kills it).
+        pkill -9 -f "^python3 [^ ]*mgpu_dev.py profile" 2>/dev/null; sleep 1
         grep -E "^profile|ERR|rror" "/tmp/ab_ncu_$side.log" | head -4
         python3 bench/mgpu_dev.py ncusum --csv "$OUT/ncu_$side.csv" 2>&1 | grep -v "^#"
       done ;;
