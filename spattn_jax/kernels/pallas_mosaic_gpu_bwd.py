@@ -49,7 +49,8 @@ from spattn_jax.kernels.pallas_mosaic_gpu_fwd import (
     ROW,
     WGMMA,
     _register_split,
-    tile_allowed,
+    mask_tile,
+    query_row_masker,
     tile_reaches,
     stream_kv_tiles,
     bcast_cols,
@@ -102,13 +103,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_busy: int):
             b, h, q_tile, runs, edges = unit(item)
             rows = wg_slice(q_tile, wg, bq)
             row0 = rows.start
-            q_seg = load_vec(qseg_ref.at[b, rows], ROW, optimized=False) if plan.segments else None
-
-            def allowed(t, masked):
-                segments = None
-                if plan.segments:
-                    segments = (q_seg, load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False))
-                return tile_allowed((bq, bk), row0 + plan.q_offset - t * bk, masked, edges, segments=segments)
+            masked_fill = query_row_masker(plan, b, rows, edges, qseg_ref, kseg_ref, bk)
 
             def body(t, carry, *, masked):
                 sfx = "_m" if masked else ""  # profiler scopes of edge tiles
@@ -134,7 +129,7 @@ def _dq_kernel(*refs, plan: common.Plan, num_busy: int):
                     with jax.named_scope("ds" + sfx):
                         p = jnp.exp2(s * coef - bcast_rows(lse, s.shape))
                         if masked:
-                            p = jnp.where(allowed(t, masked), p, 0.0)
+                            p = masked_fill(t, p, masked, 0.0)
                         ds = (p * (dp - bcast_rows(delta, dp.shape))).astype(dtype)
 
                     def compute_dq(acc_ref):
@@ -301,14 +296,13 @@ def _dkv_kernel(*refs, plan: common.Plan, num_busy: int):
             key0 = keys.start
             k_seg = load_vec(kseg_ref.at[b, keys], ROW, optimized=False) if plan.segments else None
 
-            def allowed(t, masked):
+            def masked_fill(t, x, masked, fill):
                 # Rows are keys, columns are queries.
                 segments = None
                 if plan.segments:
                     segments = (k_seg, load_vec(qseg_ref.at[b, pl.ds(t * bq, bq)], COL, optimized=False))
-                return tile_allowed(
-                    (bk, bq), t * bq + plan.q_offset - key0, masked, edges, transpose=True, segments=segments
-                )
+                offset = t * bq + plan.q_offset - key0
+                return mask_tile(x, offset, masked, edges, fill, transpose=True, segments=segments)
 
             def body(t, carry, *, masked):
                 sfx = "_m" if masked else ""  # profiler scopes of edge tiles
@@ -334,7 +328,7 @@ def _dkv_kernel(*refs, plan: common.Plan, num_busy: int):
                         delta = load_vec(delta_smem.at[slot], COL)
                         pt = jnp.exp2(st * coef - bcast_cols(lse, st.shape))
                         if masked:
-                            pt = jnp.where(allowed(t, masked), pt, 0.0)
+                            pt = masked_fill(t, pt, masked, 0.0)
                         dst = pt * (dpt - bcast_cols(delta, dpt.shape))
 
                     def compute_dv_dk(acc_refs):

@@ -24,7 +24,8 @@ rows), so every barrier sees the same number of phases in every warpgroup even w
 Interior runs skip the element mask; edge runs (and every run when segment ids are given) evaluate
 the head's full predicate: OR over its intervals of ``lo <= i - j < hi`` (and equal segment ids), or,
 when the bands are wide and apart enough that each edge tile crosses one boundary, that one compare
-(:meth:`Plan.edge_masks`).
+(:meth:`Plan.edge_masks`), made as a compile-time constant per element against one limit per thread
+(:func:`one_sided_fill`).
 
 Outputs: ``O [B, q_pad, H, Dp]`` in the input dtype and the base-2 log-sum-exp
 ``lse2 [B, H, q_pad]`` (``m + log2 l`` of the logits scaled by ``scale * log2 e``), which the backward
@@ -196,6 +197,103 @@ def tile_allowed(shape, offset, masked, edges, *, transpose: bool = False, segme
     return ok
 
 
+def mask_tile(x, offset, masked, edges, fill: float, *, transpose: bool = False, segments=None):
+    """``where(tile_allowed(...), x, fill)`` for ``x [rows, cols]`` in wgmma layout (arguments as there).
+
+    One-sided edges without segment ids take :func:`one_sided_fill`: two instructions per element
+    instead of three. ``SPATTN_MGPU_EDGE_CONST=0`` (diagnosis only) keeps the ``where`` for them.
+    """
+    kind, run = masked
+    if kind in ("ge", "lt") and segments is None and os.environ.get("SPATTN_MGPU_EDGE_CONST", "1") != "0":
+        threshold = jnp.asarray(edges[1][run] - offset, jnp.int32)
+        return one_sided_fill(x, threshold, below=kind == "lt", transpose=transpose, fill=fill)
+    ok = tile_allowed(x.shape, offset, masked, edges, transpose=transpose, segments=segments)
+    return jnp.where(ok, x, fill)
+
+
+def query_row_masker(plan: common.Plan, b, rows, edges, qseg_ref, kseg_ref, bk: int):
+    """``masked_fill(t, x, masked, fill)``: :func:`mask_tile` of a warpgroup's query ``rows`` against
+    key tile ``t`` (``x [rows, bk]``, forward and dQ kernels), with the segment ids if there are any."""
+    q_seg = load_vec(qseg_ref.at[b, rows], ROW, optimized=False) if plan.segments else None
+
+    def masked_fill(t, x, masked, fill):
+        segments = None
+        if plan.segments:
+            segments = (q_seg, load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False))
+        return mask_tile(x, rows.start + plan.q_offset - t * bk, masked, edges, fill, segments=segments)
+
+    return masked_fill
+
+
+@functools.lru_cache(maxsize=16)
+def wgmma_distance_offsets(shape: tuple[int, int]) -> np.ndarray:
+    """``int [*registers, vector]``: row minus column of each element a thread holds of a ``shape``
+    array in wgmma layout, less that of the thread's first element. Thread-independent: the layout
+    gives every thread the same pattern of elements, shifted by its lane and warp.
+    """
+    layout = WGMMA.to_mgpu()
+    strides = layout.tiling.tile_strides((shape[1], 1))
+    regs = layout.registers_shape(shape)
+    out = np.empty((*regs, layout.vector_length), np.int64)
+    for idx in np.ndindex(regs):
+        row, col = divmod(sum(i * s for i, s in zip(idx, strides)), shape[1])
+        out[idx] = row - col - np.arange(layout.vector_length)  # vector elements run along the columns
+    return out
+
+
+def one_sided_compare(shape: tuple[int, int], *, below: bool, transpose: bool):
+    """How :func:`one_sided_fill` tests an element: ``(sign, consts, predicate)``.
+
+    With ``limit = threshold + sign * d0`` per thread (``d0``: row minus column of its first element),
+    element ``e`` is kept iff ``limit <= consts[e]`` (``predicate`` ``"sle"``) or ``limit > consts[e]``
+    (``"sgt"``), ``consts`` as :func:`wgmma_distance_offsets` lays them out. From ``d = s (d0 + k) +
+    offset`` with ``s = -1`` under ``transpose``: ``d >= bound`` iff ``bound - offset - s d0 <= s k``.
+    """
+    sign = 1 if transpose else -1
+    consts = wgmma_distance_offsets(shape) * -sign
+    return sign, consts, "sgt" if below else "sle"
+
+
+def one_sided_fill(x, threshold, *, below: bool, transpose: bool, fill: float):
+    """``x [rows, cols]`` (f32, wgmma layout) where the distance ``d`` passes one compare, else ``fill``.
+
+    ``d = row - col + offset`` (``col - row + offset`` with ``transpose``) and ``threshold = bound -
+    offset``; kept are ``d >= bound`` or, with ``below``, ``d < bound``. Written as ``iota + offset``
+    compares, every element costs an add, a compare and a select: the compiler does not move the add
+    to the scalar side. Here each element's ``row - col`` is the thread's own (``d0``, once per thread)
+    plus a compile-time constant (:func:`wgmma_distance_offsets`), so each element compares an
+    immediate with one per-thread limit (:func:`one_sided_compare`): a compare and a select.
+    """
+    from jax._src.lib.mlir import ir  # noqa: PLC0415 (only while lowering)
+    from jax._src.lib.mlir.dialects import arith, vector  # noqa: PLC0415
+    from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+
+    sign, consts, predicate = one_sided_compare(tuple(x.shape), below=below, transpose=transpose)
+    scalar = plgpu.Layout.WG_SPLAT(shape=())
+
+    @plgpu.inline_mgpu(arg_types=(WGMMA, scalar), return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=WGMMA))
+    def select(ctx, xa, ta):
+        del ctx
+        i32 = ir.IntegerType.get_signless(32)
+        row0, col0 = next(iter(xa.layout.thread_idxs(xa.shape)))
+        d0 = arith.subi(arith.index_cast(i32, row0), arith.index_cast(i32, col0))
+        limit = (arith.addi if sign > 0 else arith.subi)(ta.registers.item(), d0)
+        pred = getattr(arith.CmpIPredicate, predicate)
+        fill_v = arith.constant(xa.mlir_dtype, fill)
+        regs = np.empty_like(xa.registers)
+        for idx in np.ndindex(regs.shape):
+            reg = out = xa.registers[idx]
+            for v, k in enumerate(consts[idx]):
+                pos = ir.DenseI64ArrayAttr.get([v])
+                keep = arith.cmpi(pred, limit, arith.constant(i32, int(k)))
+                val = arith.select(keep, vector.extract(reg, dynamic_position=[], static_position=pos), fill_v)
+                out = vector.insert(val, out, dynamic_position=[], static_position=pos)
+            regs[idx] = out
+        return mgpu.FragmentedArray(_registers=regs, _layout=xa.layout, _is_signed=None)
+
+    return select(x, threshold)
+
+
 def loop_runs(runs, masked_flags, body, carry):
     """``body(t, carry, masked=flag)`` over every tile of every run, in order."""
     for (start, stop), masked in zip(runs, masked_flags):
@@ -320,13 +418,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_busy: int):
             b, h, q_tile, runs, edges = unit(item)
             rows = wg_slice(q_tile, wg, bq)
             row0 = rows.start
-            q_seg = load_vec(qseg_ref.at[b, rows], ROW, optimized=False) if plan.segments else None
-
-            def allowed(t, masked):
-                segments = None
-                if plan.segments:
-                    segments = (q_seg, load_vec(kseg_ref.at[b, pl.ds(t * bk, bk)], COL, optimized=False))
-                return tile_allowed((bq, bk), row0 + plan.q_offset - t * bk, masked, edges, segments=segments)
+            masked_fill = query_row_masker(plan, b, rows, edges, qseg_ref, kseg_ref, bk)
 
             def body(t, carry, *, masked):
                 sfx = "_m" if masked else ""  # profiler scopes of edge tiles
@@ -363,7 +455,7 @@ def _fwd_kernel(*refs, plan: common.Plan, num_busy: int):
 
             def softmax(t, s, acc, m_i, l_i, masked):
                 if masked:
-                    s = jnp.where(allowed(t, masked), s, -jnp.inf)
+                    s = masked_fill(t, s, masked, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1) * coef)
                 # A row with no allowed key so far has m = -inf: shift by 0 instead (exp2(-inf) = 0,
                 # no NaN). Interior tiles give every row a finite logit, so they skip the guard.

@@ -289,6 +289,35 @@ def test_one_sided_edge_masks_equal_the_full_predicate(variant, n, heads, transp
     assert checked > 0
 
 
+def _wgmma_accumulator_elements(thread: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the f32 elements ``thread`` of a warpgroup holds of a ``[64, cols]`` wgmma
+    accumulator, from the PTX ISA's figure of the ``m64nNk16`` D fragment; element 0 first."""
+    warp, lane = divmod(thread, 32)
+    j, i, v = np.meshgrid(np.arange(cols // 8), np.arange(2), np.arange(2), indexing="ij")
+    return (16 * warp + lane // 4 + 8 * i).ravel(), (8 * j + 2 * (lane % 4) + v).ravel()
+
+
+@settings(max_examples=40, deadline=None)
+@given(cols=st.sampled_from([64, 128]), transpose=st.booleans(), below=st.booleans(), threshold=st.integers(-300, 300))
+def test_one_sided_fill_keeps_exactly_the_elements_the_compare_allows(cols, transpose, below, threshold):
+    """For every thread of the warpgroup, the thread's ``d0`` plus the per-element constants give the
+    distances of exactly the elements PTX's layout figure assigns it, and ``limit`` against the
+    constants keeps an element iff ``d >= bound`` (``d < bound`` with ``below``), where ``d - offset =
+    +-(row - col)`` and ``threshold = bound - offset``."""
+    sign, consts, predicate = mg_fwd.one_sided_compare((64, cols), below=below, transpose=transpose)
+    consts = consts.reshape(-1)
+    assert consts.size == 64 * cols // 128
+    s = -1 if transpose else 1  # d - offset = s (row - col)
+    for thread in range(128):
+        rows, cs = _wgmma_accumulator_elements(thread, cols)
+        d0 = rows[0] - cs[0]
+        rel = s * d0 + consts  # distance less offset, per element in Mosaic's register order
+        assert sorted(rel.tolist()) == sorted((s * (rows - cs)).tolist())
+        limit = threshold + sign * d0
+        keep = {"sle": np.less_equal, "sgt": np.greater}[predicate](limit, consts)  # arith.cmpi's names
+        assert np.array_equal(keep, rel < threshold if below else rel >= threshold)
+
+
 # -- backward helpers ----------------------------------------------------------------------------------
 
 
