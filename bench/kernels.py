@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import time_jax, time_torch  # noqa: E402  (bench/timing.py: one method for every row)
+from timing import clocks_text, time_jax, time_torch  # noqa: E402  (bench/timing.py: one method for every row)
 
 # `spattn_jax.attention` the module (the package re-exports a function of the same name).
 attn_mod = importlib.import_module("spattn_jax.attention")
@@ -145,6 +145,8 @@ def timed_record(fwd: dict, fwdbwd: dict) -> dict:
             rec[f"{part}_kernels_us"] = r["kernels_us"]
         if r.get("gpu_error"):
             rec[f"{part}_gpu_error"] = r["gpu_error"]
+        if r.get("clocks"):
+            rec[f"{part}_clocks"] = r["clocks"]
     return rec
 
 
@@ -595,9 +597,10 @@ def fmt_result(r: dict) -> str:
         v = r.get(key)
         return "-" if v is None else f"{v:.3f}"
 
+    clocks = clocks_text(r.get("fwdbwd_clocks"))
     return (f"  {r['impl']:16s} {r['mask']:22s} {r['shape']:8s} ms sync/pipe/GPU: fwd {ms('fwd_ms')}/"
             f"{ms('fwd_ms_pipelined')}/{ms('fwd_ms_gpu')} fwd+bwd {ms('fwdbwd_ms')}/{ms('fwdbwd_ms_pipelined')}/"
-            f"{ms('fwdbwd_ms_gpu')}")
+            f"{ms('fwdbwd_ms_gpu')}" + (f" | fwd+bwd at {clocks}" if clocks else ""))
 
 
 def markdown(report: dict) -> str:
@@ -611,11 +614,12 @@ def markdown(report: dict) -> str:
         "time per call from the profiler (jax.profiler / torch.profiler: union of kernel intervals), the "
         "like-for-like column across frameworks. TF/s = useful FLOPs under the mask (cuDNN: dense causal "
         "FLOPs) over the GPU time (sync where no profile). T_bound = max(F/600 TF/s, bytes/3.0 TB/s) per "
-        "pass. vs Flex = Flex fwd+bwd / this fwd+bwd, same column (> 1: faster than Flex).",
+        "pass. vs Flex = Flex fwd+bwd / this fwd+bwd, same column (> 1: faster than Flex). SM clock = "
+        "mean (min) SM MHz that nvidia-smi sampled while fwd+bwd was timed.",
         "",
         "| B x N | mask | impl | fwd ms sync / pipe / GPU | fwd+bwd ms sync / pipe / GPU | fwd TF/s | "
-        "fwd+bwd TF/s | fwd+bwd GPU / T_bound | vs Flex sync / pipe / GPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "fwd+bwd TF/s | fwd+bwd GPU / T_bound | vs Flex sync / pipe / GPU | SM clock |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = report["results"]
     flex = {(r["shape"], r["mask"]): r for r in rows if r["impl"] == "flex" and not r.get("error")}
@@ -626,7 +630,7 @@ def markdown(report: dict) -> str:
 
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r['error'][:80]} | | | | | | |")
             continue
         t_fwd = r.get("fwd_ms_gpu") or r["fwd_ms"]
         t_all = r.get("fwdbwd_ms_gpu") or r["fwdbwd_ms"]
@@ -642,9 +646,11 @@ def markdown(report: dict) -> str:
                 a, b = fx.get(key), r.get(key)
                 ratios.append(f"{a / b:.2f}x" if a and b else "-")
             vs = " / ".join(ratios)
+        c = r.get("fwdbwd_clocks") or {}
+        clock = f"{c['sm_mhz_mean']:.0f} ({c['sm_mhz_min']:.0f})" if c.get("samples") else ""
         lines.append(
             f"| {r['shape']} | {r['mask']} | {r['impl']} | {triple(r, 'fwd')} | {triple(r, 'fwdbwd')} | "
-            f"{tf_fwd:.0f} | {tf_all:.0f} | {over} | {vs} |"
+            f"{tf_fwd:.0f} | {tf_all:.0f} | {over} | {vs} | {clock} |"
         )
     checks = report.get("checks", [])
     if checks:

@@ -61,7 +61,7 @@ from jax._src.state import indexing as state_indexing  # noqa: E402
 from spattn_jax import masks  # noqa: E402
 from spattn_jax.kernels import pallas_mosaic_gpu as mg  # noqa: E402
 from spattn_jax.kernels import reference  # noqa: E402
-from timing import time_jax  # noqa: E402  (bench/timing.py: the one timing method)
+from timing import clocks_text, time_jax  # noqa: E402  (bench/timing.py: the one timing method)
 
 H, D = 16, 128
 TOL = dict(out=1.5e-2, dq=4e-2, dk=4e-2, dv=2e-2)  # the shared kernel test's bf16 row
@@ -254,7 +254,8 @@ def stage_time(args) -> list:
                 log(f"time {impl:5s} {variant:22s} {batch}x{n} {json.dumps(cfg):50s} fwd {rec['fwd']['ms']:.3f} "
                     f"(pipe {rec['fwd']['ms_pipelined']:.3f}, GPU {g(rec['fwd'])}) fwd+bwd {rec['fwd_bwd']['ms']:.3f} "
                     f"(pipe {rec['fwd_bwd']['ms_pipelined']:.3f}, GPU {g(rec['fwd_bwd'])}) ms "
-                    f"| {rec['fwd_tflops']:.0f} / {rec['fwd_bwd_tflops']:.0f} TF/s | compile {rec['compile_s']}s")
+                    f"| {rec['fwd_tflops']:.0f} / {rec['fwd_bwd_tflops']:.0f} TF/s | compile {rec['compile_s']}s"
+                    + (f" | fwd+bwd at {c}" if (c := clocks_text(rec["fwd_bwd"].get("clocks"))) else ""))
                 for part in ("fwd", "fwd_bwd"):
                     if rec[part].get("kernels_us"):
                         log(f"     {part} kernels µs/call: " + ", ".join(

@@ -15,15 +15,21 @@ On the project H100 (a VM) a synchronised JAX call pays 0.1-0.3 ms of host round
 0.5 ms kernel is a third of the number; ``ms_gpu`` is the like-for-like column across frameworks.
 The profiler numbers are best effort: if a trace cannot be taken or read, the field is ``None``
 and the reason is in ``gpu_error``.
+
+``clocks``: the SM clock (MHz), board power (W) and temperature (C) that ``nvidia-smi`` sampled while
+the function was timed (:func:`gpu_clocks`). On the H200 one code's SPA-default fwd+bwd spanned
+0.855-0.893 ms across processes (NOTES_mgpu v14); the clocks tell a slower GPU from a slower kernel.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import json
 import os
+import subprocess
 import tempfile
 import time
 from typing import Callable, Iterable
@@ -125,22 +131,88 @@ def _with_gpu_time(result: dict, measure: Callable[[], dict]) -> dict:
     return result
 
 
+CLOCK_FIELDS = ("sm_mhz", "power_w", "temp_c")
+_CLOCK_QUERY = "clocks.sm,power.draw,temperature.gpu"
+
+
+def summarize_clocks(lines: Iterable[str]) -> dict:
+    """``nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits``
+    lines -> sample count and mean / min / max of each field; lines that do not parse (``[N/A]``) are
+    left out."""
+    samples = []
+    for line in lines:
+        try:
+            samples.append([float(x) for x in line.split(",")])
+        except ValueError:
+            continue
+    samples = [row for row in samples if len(row) == len(CLOCK_FIELDS)]
+    if not samples:
+        return dict(samples=0)
+    table = np.asarray(samples)
+    out = dict(samples=len(samples))
+    for i, name in enumerate(CLOCK_FIELDS):
+        out.update({f"{name}_mean": round(float(table[:, i].mean()), 1), f"{name}_min": float(table[:, i].min()),
+                    f"{name}_max": float(table[:, i].max())})
+    return out
+
+
+@contextlib.contextmanager
+def gpu_clocks(interval_ms: int = 20):
+    """Samples GPU 0's SM clock, power and temperature with ``nvidia-smi`` while the block runs.
+
+    Yields a dict that is filled on exit (:func:`summarize_clocks`), or holds ``error`` where there is
+    no ``nvidia-smi`` (a CPU machine). GPU 0 is the first of ``CUDA_VISIBLE_DEVICES`` when that is set.
+    """
+    out: dict = {}
+    index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    cmd = ["nvidia-smi", f"--query-gpu={_CLOCK_QUERY}", "--format=csv,noheader,nounits", "-lms", str(interval_ms),
+           "-i", index]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        yield out
+        return
+    try:
+        yield out
+    finally:
+        proc.terminate()
+        try:
+            text, _ = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text, _ = proc.communicate()
+        out.update(summarize_clocks(text.splitlines()))
+
+
+def clocks_text(clocks: dict | None) -> str:
+    """``"SM 1980 MHz (min 1755), 612 W, 61 C"`` from a :func:`gpu_clocks` dict, ``""`` without samples."""
+    if not clocks or not clocks.get("samples"):
+        return ""
+    return (f"SM {clocks['sm_mhz_mean']:.0f} MHz (min {clocks['sm_mhz_min']:.0f}), "
+            f"{clocks['power_w_mean']:.0f} W, {clocks['temp_c_max']:.0f} C")
+
+
 def time_jax(fn: Callable, *args, warmup: int = 2, iters: int = 20, gpu: bool = True) -> dict:
     """``ms`` (median synchronised), ``ms_pipelined`` and, with ``gpu``, ``ms_gpu`` of a jitted ``fn``."""
     import jax
 
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
+    on_gpu = gpu and jax.devices()[0].platform == "gpu"
+    with gpu_clocks() if on_gpu else contextlib.nullcontext() as clocks:
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    jax.block_until_ready([fn(*args) for _ in range(iters)])
-    result = dict(ms=1e3 * float(np.median(times)), ms_pipelined=1e3 * (time.perf_counter() - t0) / iters)
-    if gpu and jax.devices()[0].platform == "gpu":
-        _with_gpu_time(result, lambda: jax_gpu_time(fn, *args, iters=iters))
+        jax.block_until_ready([fn(*args) for _ in range(iters)])
+        result = dict(ms=1e3 * float(np.median(times)), ms_pipelined=1e3 * (time.perf_counter() - t0) / iters)
+        if on_gpu:
+            _with_gpu_time(result, lambda: jax_gpu_time(fn, *args, iters=iters))
+    if clocks is not None:
+        result["clocks"] = clocks
     return result
 
 
@@ -149,19 +221,20 @@ def time_torch(fn: Callable, grad_to_none=None, iters: int = 20, gpu: bool = Tru
     import torch
     import triton.testing
 
-    ms = triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grad_to_none, return_mode="median")
-
     def call():  # as do_bench does: fresh .grad each call, so no accumulation kernel is timed
         for t in grad_to_none or ():
             t.grad = None
         fn()
 
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        call()
-    torch.cuda.synchronize()
-    result = dict(ms=float(ms), ms_pipelined=1e3 * (time.perf_counter() - t0) / iters)
-    if gpu:
-        _with_gpu_time(result, lambda: torch_gpu_time(call, iters=iters))
+    with gpu_clocks() as clocks:
+        ms = triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grad_to_none, return_mode="median")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        torch.cuda.synchronize()
+        result = dict(ms=float(ms), ms_pipelined=1e3 * (time.perf_counter() - t0) / iters)
+        if gpu:
+            _with_gpu_time(result, lambda: torch_gpu_time(call, iters=iters))
+    result["clocks"] = clocks
     return result

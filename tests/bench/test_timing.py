@@ -1,0 +1,62 @@
+"""bench/timing.py: the GPU clock sampling beside each timing (no GPU needed: a stand-in nvidia-smi)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import stat
+import time
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "timing.py"
+_spec = importlib.util.spec_from_file_location("bench_timing", _PATH)
+timing = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(timing)
+
+
+def test_summarize_clocks_skips_lines_that_do_not_parse():
+    got = timing.summarize_clocks(["1980, 600, 60", "[N/A], 5, 6", "1800, 700.5, 64", "", "oops"])
+    assert got["samples"] == 2
+    assert (got["sm_mhz_mean"], got["sm_mhz_min"], got["sm_mhz_max"]) == (1890.0, 1800.0, 1980.0)
+    assert (got["power_w_mean"], got["temp_c_max"]) == (650.2, 64.0)
+    assert timing.summarize_clocks(["[N/A], [N/A], [N/A]"]) == dict(samples=0)
+    assert timing.clocks_text(got) == "SM 1890 MHz (min 1800), 650 W, 64 C"
+    assert timing.clocks_text(dict(samples=0)) == "" and timing.clocks_text(None) == ""
+
+
+def _fake_smi(tmp_path: Path, body: str) -> None:
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\n{body}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+
+
+def test_gpu_clocks_samples_the_visible_gpu_while_the_block_runs(tmp_path, monkeypatch):
+    """A stand-in nvidia-smi prints two samples, then keeps running as ``-lms`` does until it is
+    stopped; the block's dict holds their summary and the query went to the first visible GPU."""
+    _fake_smi(tmp_path, f"echo '1755, 690, 70'\necho '1980, 610, 66'\ntouch {tmp_path}/ready\nexec sleep 30")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    with timing.gpu_clocks(interval_ms=10) as clocks:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:  # it runs concurrently
+            time.sleep(0.01)
+        assert clocks == {}  # filled on exit
+    assert clocks["samples"] == 2 and clocks["sm_mhz_min"] == 1755.0 and clocks["temp_c_max"] == 70.0
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("-i") + 1] == "3" and args[args.index("-lms") + 1] == "10"
+    assert "--query-gpu=clocks.sm,power.draw,temperature.gpu" in args
+
+
+def test_gpu_clocks_without_nvidia_smi_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no nvidia-smi
+    with timing.gpu_clocks() as clocks:
+        pass
+    assert "FileNotFoundError" in clocks["error"] and "samples" not in clocks
+
+
+def test_time_jax_on_the_cpu_records_no_clocks():
+    import jax
+    import jax.numpy as jnp
+
+    result = timing.time_jax(jax.jit(lambda x: x * 2), jnp.ones(4), warmup=1, iters=2)
+    assert result["ms"] > 0 and "clocks" not in result
