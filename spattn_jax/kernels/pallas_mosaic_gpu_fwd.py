@@ -45,7 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, vector
 
 from spattn_jax.kernels import pallas_mosaic_gpu as common
 from spattn_jax.kernels import schedule
@@ -264,10 +267,6 @@ def one_sided_fill(x, threshold, *, below: bool, transpose: bool, fill: float):
     plus a compile-time constant (:func:`wgmma_distance_offsets`), so each element compares an
     immediate with one per-thread limit (:func:`one_sided_compare`): a compare and a select.
     """
-    from jax._src.lib.mlir import ir  # noqa: PLC0415 (only while lowering)
-    from jax._src.lib.mlir.dialects import arith, vector  # noqa: PLC0415
-    from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
-
     sign, consts, predicate = one_sided_compare(tuple(x.shape), below=below, transpose=transpose)
     scalar = plgpu.Layout.WG_SPLAT(shape=())
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import time
 from pathlib import Path
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "timing.py"
-_spec = importlib.util.spec_from_file_location("bench_timing", _PATH)
-timing = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(timing)
+from tests import bench_scripts
+
+timing = bench_scripts.load("timing")
 
 
 def test_summarize_clocks_skips_lines_that_do_not_parse():

@@ -31,6 +31,7 @@ from spattn_jax import masks
 from spattn_jax.kernels import pallas_mosaic_gpu as mg
 from spattn_jax.kernels import pallas_mosaic_gpu_fwd as mg_fwd
 from spattn_jax.kernels import reference, schedule
+from tests import bench_scripts
 
 
 # -- work list ---------------------------------------------------------------------------------------
@@ -573,22 +574,7 @@ def test_auto_picks_mosaic_on_hopper_for_inputs_it_takes(monkeypatch):
 
 
 def _mgpu_dev():
-    """bench/mgpu_dev.py as a module. It puts bench/ on ``sys.path`` to import its neighbours; that is
-    undone here, or bench/kernels.py would shadow HF's ``kernels`` package, which transformers (>= 5.25)
-    imports in the OLMoE parity tests that run later in the same session."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "mgpu_dev.py"
-    spec = importlib.util.spec_from_file_location("mgpu_dev", path)
-    module = importlib.util.module_from_spec(spec)
-    saved = list(sys.path)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
+    return bench_scripts.load("mgpu_dev")
 
 
 def test_loading_the_dev_script_leaves_sys_path_alone():

@@ -23,6 +23,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from spattn_jax import masks
 from spattn_jax.kernels import reference
 from spattn_jax.kernels import splash
+from tests import bench_scripts
 from tests.kernels.test_kernels import PINNED, Backend, check_against_reference
 
 
@@ -144,21 +145,11 @@ def test_single_mask_kernels_compute_the_mask_in_kernel():
     assert kernel.kwargs["mask_function"] is not None
 
 
-def _bench_module():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "splash_metadata.py")
-    spec = importlib.util.spec_from_file_location("splash_metadata", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("n, block, heads", [(2048, 128, 16), (1664, 128, 8), (3072, 512, 4)])
 def test_metadata_bench_analytic_equals_measured(n, block, heads):
     """bench/splash_metadata.py counts 128k metadata instead of building it; at small N its counts
     must equal what splash builds (run() asserts it field by field)."""
-    bench = _bench_module()
+    bench = bench_scripts.load("splash_metadata")
     variants = ["spattention", "spattention_exclusive", "gapped", "balanced", "balanced_exclusive"]
     rows = bench.run([n], [block], variants, heads=heads, measure_limit=1 << 30)
     assert all(r["source"].startswith("measured") for r in rows)
