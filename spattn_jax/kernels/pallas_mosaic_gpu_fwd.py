@@ -24,8 +24,8 @@ rows), so every barrier sees the same number of phases in every warpgroup even w
 Interior runs skip the element mask; edge runs (and every run when segment ids are given) evaluate
 the head's full predicate: OR over its intervals of ``lo <= i - j < hi`` (and equal segment ids), or,
 when the bands are wide and apart enough that each edge tile crosses one boundary, that one compare
-(:meth:`Plan.edge_masks`), made as a compile-time constant per element against one limit per thread
-(:func:`one_sided_fill`).
+(:meth:`Plan.edge_masks`). Both are made as compile-time constants per element against limits per
+thread (:func:`band_fill`).
 
 Outputs: ``O [B, q_pad, H, Dp]`` in the input dtype and the base-2 log-sum-exp
 ``lse2 [B, H, q_pad]`` (``m + log2 l`` of the logits scaled by ``scale * log2 e``), which the backward
@@ -203,13 +203,16 @@ def tile_allowed(shape, offset, masked, edges, *, transpose: bool = False, segme
 def mask_tile(x, offset, masked, edges, fill: float, *, transpose: bool = False, segments=None):
     """``where(tile_allowed(...), x, fill)`` for ``x [rows, cols]`` in wgmma layout (arguments as there).
 
-    One-sided edges without segment ids take :func:`one_sided_fill`: two instructions per element
-    instead of three. ``SPATTN_MGPU_EDGE_CONST=0`` (diagnosis only) keeps the ``where`` for them.
+    Edges without segment ids take :func:`band_fill`: per element a compile-time constant against
+    per-thread limits, which saves the add of the ``iota + offset`` form (one-sided: 2 instructions
+    instead of 3). ``SPATTN_MGPU_EDGE_CONST=0`` (diagnosis only) keeps the ``where``.
     """
     kind, run = masked
-    if kind in ("ge", "lt") and segments is None and os.environ.get("SPATTN_MGPU_EDGE_CONST", "1") != "0":
-        threshold = jnp.asarray(edges[1][run] - offset, jnp.int32)
-        return one_sided_fill(x, threshold, below=kind == "lt", transpose=transpose, fill=fill)
+    if kind != "segments" and segments is None and os.environ.get("SPATTN_MGPU_EDGE_CONST", "1") != "0":
+        bands, bounds = edges
+        intervals = {"ge": [(bounds[run], None)], "lt": [(None, bounds[run])]}.get(kind, bands)
+        thresholds = [tuple(None if e is None else jnp.asarray(e - offset, jnp.int32) for e in iv) for iv in intervals]
+        return band_fill(x, thresholds, transpose=transpose, fill=fill)
     ok = tile_allowed(x.shape, offset, masked, edges, transpose=transpose, segments=segments)
     return jnp.where(ok, x, fill)
 
@@ -244,53 +247,71 @@ def wgmma_distance_offsets(shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def one_sided_compare(shape: tuple[int, int], *, below: bool, transpose: bool):
-    """How :func:`one_sided_fill` tests an element: ``(sign, consts, predicate)``.
+def band_compare(shape: tuple[int, int], *, transpose: bool):
+    """How :func:`band_fill` tests an element: ``(sign, consts)``.
 
-    With ``limit = threshold + sign * d0`` per thread (``d0``: row minus column of its first element),
-    element ``e`` is kept iff ``limit <= consts[e]`` (``predicate`` ``"sle"``) or ``limit > consts[e]``
-    (``"sgt"``), ``consts`` as :func:`wgmma_distance_offsets` lays them out. From ``d = s (d0 + k) +
-    offset`` with ``s = -1`` under ``transpose``: ``d >= bound`` iff ``bound - offset - s d0 <= s k``.
+    With ``limit = threshold + sign * d0`` per thread and threshold (``d0``: row minus column of the
+    thread's first element), element ``e`` passes a lower threshold iff ``limit <= consts[e]`` and an
+    upper one iff ``limit > consts[e]``; ``consts`` as :func:`wgmma_distance_offsets` lays them out.
+    From ``d = s (d0 + k) + offset`` with ``s = -1`` under ``transpose``: ``d >= bound`` iff
+    ``bound - offset - s d0 <= s k``.
     """
     sign = 1 if transpose else -1
-    consts = wgmma_distance_offsets(shape) * -sign
-    return sign, consts, "sgt" if below else "sle"
+    return sign, wgmma_distance_offsets(shape) * -sign
 
 
-def one_sided_fill(x, threshold, *, below: bool, transpose: bool, fill: float):
-    """``x [rows, cols]`` (f32, wgmma layout) where the distance ``d`` passes one compare, else ``fill``.
+def band_fill(x, thresholds, *, transpose: bool, fill: float):
+    """``x [rows, cols]`` (f32, wgmma layout) where the distance ``d`` lies in one of the intervals, else
+    ``fill``.
 
-    ``d = row - col + offset`` (``col - row + offset`` with ``transpose``) and ``threshold = bound -
-    offset``; kept are ``d >= bound`` or, with ``below``, ``d < bound``. Written as ``iota + offset``
-    compares, every element costs an add, a compare and a select: the compiler does not move the add
-    to the scalar side. Here each element's ``row - col`` is the thread's own (``d0``, once per thread)
-    plus a compile-time constant (:func:`wgmma_distance_offsets`), so each element compares an
-    immediate with one per-thread limit (:func:`one_sided_compare`): a compare and a select.
+    ``d = row - col + offset`` (``col - row + offset`` with ``transpose``); ``thresholds``: per
+    interval ``(lo - offset, hi - offset)`` scalars, either side ``None`` when open (a one-sided edge:
+    ``[(bound - offset, None)]`` keeps ``d >= bound``). Written as ``iota + offset`` compares, every
+    element costs an add before its compares: the compiler does not move the add to the scalar side.
+    Here each element's ``row - col`` is the thread's own (``d0``, once per thread) plus a compile-time
+    constant (:func:`wgmma_distance_offsets`), so each element compares an immediate with per-thread
+    limits (:func:`band_compare`): a one-sided edge takes a compare and a select.
     """
-    sign, consts, predicate = one_sided_compare(tuple(x.shape), below=below, transpose=transpose)
+    sign, consts = band_compare(tuple(x.shape), transpose=transpose)
+    sides = [(lo is not None, hi is not None) for lo, hi in thresholds]
+    scalars = [t for pair in thresholds for t in pair if t is not None]
     scalar = plgpu.Layout.WG_SPLAT(shape=())
 
-    @plgpu.inline_mgpu(arg_types=(WGMMA, scalar), return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=WGMMA))
-    def select(ctx, xa, ta):
+    @plgpu.inline_mgpu(
+        arg_types=(WGMMA, *[scalar] * len(scalars)),
+        return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=WGMMA),
+    )
+    def select(ctx, xa, *ts):
         del ctx
         i32 = ir.IntegerType.get_signless(32)
         row0, col0 = next(iter(xa.layout.thread_idxs(xa.shape)))
         d0 = arith.subi(arith.index_cast(i32, row0), arith.index_cast(i32, col0))
-        limit = (arith.addi if sign > 0 else arith.subi)(ta.registers.item(), d0)
-        pred = getattr(arith.CmpIPredicate, predicate)
+        limits = iter([(arith.addi if sign > 0 else arith.subi)(t.registers.item(), d0) for t in ts])
+        bounds = [(next(limits) if has_lo else None, next(limits) if has_hi else None) for has_lo, has_hi in sides]
         fill_v = arith.constant(xa.mlir_dtype, fill)
+
+        def keep(k):
+            k = arith.constant(i32, int(k))
+            hit = None
+            for lo, hi in bounds:
+                term = None if lo is None else arith.cmpi(arith.CmpIPredicate.sle, lo, k)
+                if hi is not None:
+                    below = arith.cmpi(arith.CmpIPredicate.sgt, hi, k)
+                    term = below if term is None else arith.andi(term, below)
+                hit = term if hit is None else arith.ori(hit, term)
+            return hit
+
         regs = np.empty_like(xa.registers)
         for idx in np.ndindex(regs.shape):
             reg = out = xa.registers[idx]
             for v, k in enumerate(consts[idx]):
                 pos = ir.DenseI64ArrayAttr.get([v])
-                keep = arith.cmpi(pred, limit, arith.constant(i32, int(k)))
-                val = arith.select(keep, vector.extract(reg, dynamic_position=[], static_position=pos), fill_v)
+                val = arith.select(keep(k), vector.extract(reg, dynamic_position=[], static_position=pos), fill_v)
                 out = vector.insert(val, out, dynamic_position=[], static_position=pos)
             regs[idx] = out
         return mgpu.FragmentedArray(_registers=regs, _layout=xa.layout, _is_signed=None)
 
-    return select(x, threshold)
+    return select(x, *scalars)
 
 
 def loop_runs(runs, masked_flags, body, carry):

@@ -175,7 +175,7 @@ PINNED = [
     dict(batch=1, n=129, num_heads=4, num_kv=1, head_dim=32, dtype="bfloat16", variant="gapped", band_len=256, num_docs=3, seed=3),
     dict(batch=1, n=160, num_heads=8, num_kv=8, head_dim=32, dtype="float32", variant="balanced", band_len=None, num_docs=2, seed=4),
     dict(batch=1, n=96, num_heads=2, num_kv=1, head_dim=64, dtype="bfloat16", variant="balanced_exclusive", band_len=96, num_docs=1, seed=5),
-    # Intervals wider than the Mosaic GPU kernels' tile span: their one-compare edges (one_sided_fill).
+    # Intervals wider than the Mosaic GPU kernels' tile span: their one-compare edges.
     dict(batch=1, n=200, num_heads=2, num_kv=1, head_dim=64, dtype="bfloat16", variant="causal", band_len=None, num_docs=1, seed=6),
 ]
 

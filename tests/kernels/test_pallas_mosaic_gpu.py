@@ -298,14 +298,22 @@ def _wgmma_accumulator_elements(thread: int, cols: int) -> tuple[np.ndarray, np.
     return (16 * warp + lane // 4 + 8 * i).ravel(), (8 * j + 2 * (lane % 4) + v).ravel()
 
 
-@settings(max_examples=40, deadline=None)
-@given(cols=st.sampled_from([64, 128]), transpose=st.booleans(), below=st.booleans(), threshold=st.integers(-300, 300))
-def test_one_sided_fill_keeps_exactly_the_elements_the_compare_allows(cols, transpose, below, threshold):
+@settings(max_examples=60, deadline=None)
+@given(
+    cols=st.sampled_from([64, 128]),
+    transpose=st.booleans(),
+    intervals=st.lists(
+        st.tuples(st.one_of(st.none(), st.integers(-300, 300)), st.one_of(st.none(), st.integers(-300, 300))),
+        min_size=1,
+        max_size=2,
+    ),
+)
+def test_band_fill_keeps_exactly_the_elements_in_the_intervals(cols, transpose, intervals):
     """For every thread of the warpgroup, the thread's ``d0`` plus the per-element constants give the
-    distances of exactly the elements PTX's layout figure assigns it, and ``limit`` against the
-    constants keeps an element iff ``d >= bound`` (``d < bound`` with ``below``), where ``d - offset =
-    +-(row - col)`` and ``threshold = bound - offset``."""
-    sign, consts, predicate = mg_fwd.one_sided_compare((64, cols), below=below, transpose=transpose)
+    distances of exactly the elements PTX's layout figure assigns it, and the limits against the
+    constants keep an element iff its distance lies in one of the intervals: ``lo <= d - offset < hi``
+    (``thresholds = (lo - offset, hi - offset)``, ``None`` = open), ``d - offset = +-(row - col)``."""
+    sign, consts = mg_fwd.band_compare((64, cols), transpose=transpose)
     consts = consts.reshape(-1)
     assert consts.size == 64 * cols // 128
     s = -1 if transpose else 1  # d - offset = s (row - col)
@@ -314,9 +322,12 @@ def test_one_sided_fill_keeps_exactly_the_elements_the_compare_allows(cols, tran
         d0 = rows[0] - cs[0]
         rel = s * d0 + consts  # distance less offset, per element in Mosaic's register order
         assert sorted(rel.tolist()) == sorted((s * (rows - cs)).tolist())
-        limit = threshold + sign * d0
-        keep = {"sle": np.less_equal, "sgt": np.greater}[predicate](limit, consts)  # arith.cmpi's names
-        assert np.array_equal(keep, rel < threshold if below else rel >= threshold)
+        keep = np.zeros(consts.shape, bool)
+        want = np.zeros(consts.shape, bool)
+        for lo, hi in intervals:  # the kernel's compares (arith.cmpi sle / sgt) against the brute force
+            keep |= (True if lo is None else (lo + sign * d0) <= consts) & (True if hi is None else (hi + sign * d0) > consts)
+            want |= (True if lo is None else rel >= lo) & (True if hi is None else rel < hi)
+        assert np.array_equal(keep, want)
 
 
 # -- backward helpers ----------------------------------------------------------------------------------
