@@ -19,6 +19,7 @@ and the reason is in ``gpu_error``.
 ``clocks``: the SM clock (MHz), board power (W) and temperature (C) that ``nvidia-smi`` sampled while
 the function was timed (:func:`gpu_clocks`). On the H200 one code's SPA-default fwd+bwd spanned
 0.855-0.893 ms across processes (NOTES_mgpu v14); the clocks tell a slower GPU from a slower kernel.
+Long rows show it: at 1x65536 cuDNN ran at 1680 MHz and 680 W, at the H200's 700 W cap (v15).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import glob
 import gzip
 import json
 import os
+import select
 import subprocess
 import tempfile
 import time
@@ -157,11 +159,16 @@ def summarize_clocks(lines: Iterable[str]) -> dict:
 
 
 @contextlib.contextmanager
-def gpu_clocks(interval_ms: int = 20):
+def gpu_clocks(interval_ms: int = 20, ready_s: float = 5.0):
     """Samples GPU 0's SM clock, power and temperature with ``nvidia-smi`` while the block runs.
 
     Yields a dict that is filled on exit (:func:`summarize_clocks`), or holds ``error`` where there is
     no ``nvidia-smi`` (a CPU machine). GPU 0 is the first of ``CUDA_VISIBLE_DEVICES`` when that is set.
+
+    The block starts only once ``nvidia-smi`` has printed its first sample (at most ``ready_s``
+    seconds): its start-up takes longer than a 2x8192 timing loop, which the samples would otherwise
+    miss (session 14: one or two samples per row, all at idle power). That first sample was taken
+    before the block, so it is kept apart, as ``before``, not in the summary.
     """
     out: dict = {}
     index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
@@ -173,6 +180,7 @@ def gpu_clocks(interval_ms: int = 20):
         out["error"] = f"{type(e).__name__}: {e}"
         yield out
         return
+    first = _first_line(proc.stdout, ready_s)
     try:
         yield out
     finally:
@@ -183,6 +191,15 @@ def gpu_clocks(interval_ms: int = 20):
             proc.kill()
             text, _ = proc.communicate()
         out.update(summarize_clocks(text.splitlines()))
+        if first:
+            out["before"] = first.strip()
+
+
+def _first_line(stream, timeout_s: float) -> str:
+    """The first line of a pipe, or ``""`` if none comes within ``timeout_s`` (then the pipe is left
+    for the caller to read)."""
+    ready, _, _ = select.select([stream], [], [], timeout_s)
+    return stream.readline() if ready else ""
 
 
 def clocks_text(clocks: dict | None) -> str:

@@ -29,20 +29,39 @@ def _fake_smi(tmp_path: Path, body: str) -> None:
 
 
 def test_gpu_clocks_samples_the_visible_gpu_while_the_block_runs(tmp_path, monkeypatch):
-    """A stand-in nvidia-smi prints two samples, then keeps running as ``-lms`` does until it is
-    stopped; the block's dict holds their summary and the query went to the first visible GPU."""
-    _fake_smi(tmp_path, f"echo '1755, 690, 70'\necho '1980, 610, 66'\ntouch {tmp_path}/ready\nexec sleep 30")
+    """A stand-in nvidia-smi starts slowly, prints a sample, then two more once the block has begun
+    (it waits for a file the block writes), then keeps running as ``-lms`` does until it is stopped.
+    The block must not begin before the first sample; that sample is ``before``, and the summary
+    holds the two taken during the block. The query went to the first visible GPU."""
+    _fake_smi(
+        tmp_path,
+        f"sleep 0.5\necho '1980, 120, 40'\n"
+        f"while [ ! -e {tmp_path}/block ]; do sleep 0.01; done\n"
+        f"echo '1755, 690, 70'\necho '1800, 610, 66'\ntouch {tmp_path}/ready\nexec sleep 30",
+    )
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
     with timing.gpu_clocks(interval_ms=10) as clocks:
+        (tmp_path / "block").touch()
         deadline = time.monotonic() + 20
         while not (tmp_path / "ready").exists() and time.monotonic() < deadline:  # it runs concurrently
             time.sleep(0.01)
         assert clocks == {}  # filled on exit
-    assert clocks["samples"] == 2 and clocks["sm_mhz_min"] == 1755.0 and clocks["temp_c_max"] == 70.0
+    assert clocks["samples"] == 2 and clocks["sm_mhz_max"] == 1800.0 and clocks["temp_c_max"] == 70.0
+    assert clocks["before"] == "1980, 120, 40"
     args = (tmp_path / "args").read_text().split()
     assert args[args.index("-i") + 1] == "3" and args[args.index("-lms") + 1] == "10"
     assert "--query-gpu=clocks.sm,power.draw,temperature.gpu" in args
+
+
+def test_gpu_clocks_does_not_wait_forever_for_a_silent_nvidia_smi(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, "exec sleep 30")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    t0 = time.monotonic()
+    with timing.gpu_clocks(ready_s=0.2) as clocks:
+        pass
+    assert time.monotonic() - t0 < 10
+    assert clocks == dict(samples=0)
 
 
 def test_gpu_clocks_without_nvidia_smi_says_why(tmp_path, monkeypatch):
