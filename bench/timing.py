@@ -16,8 +16,8 @@ On the project H100 (a VM) a synchronised JAX call pays 0.1-0.3 ms of host round
 The profiler numbers are best effort: if a trace cannot be taken or read, the field is ``None``
 and the reason is in ``gpu_error``.
 
-``clocks``: the SM clock (MHz), board power (W) and temperature (C) that ``nvidia-smi`` sampled while
-the function was timed (:func:`gpu_clocks`). On the H200 one code's SPA-default fwd+bwd spanned
+``clocks``: the SM clock (MHz), board power (W; instantaneous where the driver reports it) and
+temperature (C) that ``nvidia-smi`` sampled while the function was timed (:func:`gpu_clocks`). On the H200 one code's SPA-default fwd+bwd spanned
 0.855-0.893 ms across processes (NOTES_mgpu v14); the clocks tell a slower GPU from a slower kernel.
 Long rows show it: at 1x65536 cuDNN ran at 1680 MHz and 680 W, at the H200's 700 W cap (v15).
 """
@@ -134,11 +134,17 @@ def _with_gpu_time(result: dict, measure: Callable[[], dict]) -> dict:
 
 
 CLOCK_FIELDS = ("sm_mhz", "power_w", "temp_c")
-_CLOCK_QUERY = "clocks.sm,power.draw,temperature.gpu"
+# Instantaneous power first: ``power.draw`` is a one-second average on Hopper drivers, which a 1 ms row
+# cannot move (v15). Drivers before 535 do not know the field and exit; then the average is read.
+POWER_FIELDS = ("power.draw.instant", "power.draw")
+
+
+def _clock_query(power_field: str) -> str:
+    return f"clocks.sm,{power_field},temperature.gpu"
 
 
 def summarize_clocks(lines: Iterable[str]) -> dict:
-    """``nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits``
+    """``nvidia-smi --query-gpu=clocks.sm,<power field>,temperature.gpu --format=csv,noheader,nounits``
     lines -> sample count and mean / min / max of each field; lines that do not parse (``[N/A]``) are
     left out."""
     samples = []
@@ -162,6 +168,9 @@ def summarize_clocks(lines: Iterable[str]) -> dict:
 def gpu_clocks(interval_ms: int = 20, ready_s: float = 5.0):
     """Samples GPU 0's SM clock, power and temperature with ``nvidia-smi`` while the block runs.
 
+    Power is the instantaneous draw where the driver has it, else the one-second average
+    (``power_field`` in the dict says which).
+
     Yields a dict that is filled on exit (:func:`summarize_clocks`), or holds ``error`` where there is
     no ``nvidia-smi`` (a CPU machine). GPU 0 is the first of ``CUDA_VISIBLE_DEVICES`` when that is set.
 
@@ -172,34 +181,51 @@ def gpu_clocks(interval_ms: int = 20, ready_s: float = 5.0):
     """
     out: dict = {}
     index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-    cmd = ["nvidia-smi", f"--query-gpu={_CLOCK_QUERY}", "--format=csv,noheader,nounits", "-lms", str(interval_ms),
-           "-i", index]
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    except OSError as e:
-        out["error"] = f"{type(e).__name__}: {e}"
+    for power_field in POWER_FIELDS:
+        cmd = ["nvidia-smi", f"--query-gpu={_clock_query(power_field)}", "--format=csv,noheader,nounits",
+               "-lms", str(interval_ms), "-i", index]
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError as e:
+            out["error"] = f"{type(e).__name__}: {e}"
+            yield out
+            return
+        first = _first_line(proc.stdout, ready_s)
+        # A field this driver lacks makes nvidia-smi exit, or print [N/A]: try the next one. A silent
+        # one that is still running is kept (it may only be slow to start).
+        if first is None or summarize_clocks([first])["samples"]:
+            break
+        _stop(proc)
+    else:
+        out["error"] = f"nvidia-smi gave no sample of {' or '.join(POWER_FIELDS)} (last: {first.strip()!r})"
         yield out
         return
-    first = _first_line(proc.stdout, ready_s)
     try:
         yield out
     finally:
-        proc.terminate()
-        try:
-            text, _ = proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            text, _ = proc.communicate()
-        out.update(summarize_clocks(text.splitlines()))
+        out.update(summarize_clocks(_stop(proc).splitlines()))
+        if out["samples"]:
+            out["power_field"] = power_field
         if first:
             out["before"] = first.strip()
 
 
-def _first_line(stream, timeout_s: float) -> str:
-    """The first line of a pipe, or ``""`` if none comes within ``timeout_s`` (then the pipe is left
-    for the caller to read)."""
+def _stop(proc: subprocess.Popen) -> str:
+    """Stops a sampling ``nvidia-smi`` and returns what it printed that was not read yet."""
+    proc.terminate()
+    try:
+        text, _ = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        text, _ = proc.communicate()
+    return text or ""
+
+
+def _first_line(stream, timeout_s: float) -> str | None:
+    """The first line of a pipe; ``""`` if it closed first; ``None`` if nothing came within
+    ``timeout_s`` (then the pipe is left for the caller to read)."""
     ready, _, _ = select.select([stream], [], [], timeout_s)
-    return stream.readline() if ready else ""
+    return stream.readline() if ready else None
 
 
 def clocks_text(clocks: dict | None) -> str:

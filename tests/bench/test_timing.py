@@ -51,7 +51,34 @@ def test_gpu_clocks_samples_the_visible_gpu_while_the_block_runs(tmp_path, monke
     assert clocks["before"] == "1980, 120, 40"
     args = (tmp_path / "args").read_text().split()
     assert args[args.index("-i") + 1] == "3" and args[args.index("-lms") + 1] == "10"
-    assert "--query-gpu=clocks.sm,power.draw,temperature.gpu" in args
+    assert "--query-gpu=clocks.sm,power.draw.instant,temperature.gpu" in args
+    assert clocks["power_field"] == "power.draw.instant"
+
+
+_SAMPLES = "echo '1980, 120, 40'\nwhile true; do echo '1900, 650, 60'; sleep 0.01; done"
+
+
+def test_gpu_clocks_falls_back_to_average_power_on_older_drivers(tmp_path, monkeypatch):
+    """Drivers before 535 reject ``power.draw.instant`` (nvidia-smi exits); others may print [N/A]
+    for it. Either way the one-second average is sampled instead, and the dict says so."""
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for refusal in ("echo 'Field \"power.draw.instant\" is not a valid field to query.' >&2; exit 2",
+                    "echo '1980, [N/A], 40'; exec sleep 30"):
+        _fake_smi(tmp_path, f'case "$*" in *instant*) {refusal};; esac\n{_SAMPLES}')
+        with timing.gpu_clocks(interval_ms=10) as clocks:
+            time.sleep(0.2)
+        assert clocks["power_field"] == "power.draw" and clocks["samples"] >= 1, refusal
+        assert clocks["power_w_max"] == 650.0 and clocks["before"] == "1980, 120, 40"
+        assert "--query-gpu=clocks.sm,power.draw,temperature.gpu" in (tmp_path / "args").read_text()
+
+
+def test_gpu_clocks_names_the_fields_when_no_query_gives_a_sample(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, "echo 'No devices were found'; exit 6")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with timing.gpu_clocks() as clocks:
+        pass
+    assert "power.draw.instant or power.draw" in clocks["error"] and "No devices" in clocks["error"]
+    assert "samples" not in clocks
 
 
 def test_gpu_clocks_does_not_wait_forever_for_a_silent_nvidia_smi(tmp_path, monkeypatch):
