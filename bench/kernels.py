@@ -45,7 +45,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -59,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import clocks_text, time_jax, time_torch  # noqa: E402  (bench/timing.py: one method for every row)
+from timing import clocks_text, gpu_identity, time_jax, time_torch  # noqa: E402  (bench/timing.py: one method for every row)
 
 # `spattn_jax.attention` the module (the package re-exports a function of the same name).
 attn_mod = importlib.import_module("spattn_jax.attention")
@@ -264,14 +263,7 @@ def environment() -> dict:
         argv=sys.argv[1:],
         mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
     )
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
-        )
-        env["nvidia_smi"] = smi.stdout.strip()
-    except Exception as e:  # noqa: BLE001
-        env["nvidia_smi"] = repr(e)
+    env["nvidia_smi"] = gpu_identity()
     try:
         import torch
         import triton
@@ -615,7 +607,7 @@ def markdown(report: dict) -> str:
         "like-for-like column across frameworks. TF/s = useful FLOPs under the mask (cuDNN: dense causal "
         "FLOPs) over the GPU time (sync where no profile). T_bound = max(F/600 TF/s, bytes/3.0 TB/s) per "
         "pass. vs Flex = Flex fwd+bwd / this fwd+bwd, same column (> 1: faster than Flex). SM clock = "
-        "mean (min) SM MHz that nvidia-smi sampled while fwd+bwd was timed.",
+        "mean (min) SM MHz, and mean memory MHz, that nvidia-smi sampled while fwd+bwd was timed.",
         "",
         "| B x N | mask | impl | fwd ms sync / pipe / GPU | fwd+bwd ms sync / pipe / GPU | fwd TF/s | "
         "fwd+bwd TF/s | fwd+bwd GPU / T_bound | vs Flex sync / pipe / GPU | SM clock |",
@@ -648,6 +640,7 @@ def markdown(report: dict) -> str:
             vs = " / ".join(ratios)
         c = r.get("fwdbwd_clocks") or {}
         clock = f"{c['sm_mhz_mean']:.0f} ({c['sm_mhz_min']:.0f})" if c.get("samples") else ""
+        clock += f", mem {c['mem_mhz_mean']:.0f}" if "mem_mhz_mean" in c else ""
         lines.append(
             f"| {r['shape']} | {r['mask']} | {r['impl']} | {triple(r, 'fwd')} | {triple(r, 'fwdbwd')} | "
             f"{tf_fwd:.0f} | {tf_all:.0f} | {over} | {vs} | {clock} |"

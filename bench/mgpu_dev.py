@@ -61,7 +61,7 @@ from jax._src.state import indexing as state_indexing  # noqa: E402
 from spattn_jax import masks  # noqa: E402
 from spattn_jax.kernels import pallas_mosaic_gpu as mg  # noqa: E402
 from spattn_jax.kernels import reference  # noqa: E402
-from timing import clocks_text, time_jax  # noqa: E402  (bench/timing.py: the one timing method)
+from timing import clocks_text, gpu_identity, time_jax  # noqa: E402  (bench/timing.py: the one timing method)
 
 H, D = 16, 128
 TOL = dict(out=1.5e-2, dq=4e-2, dk=4e-2, dv=2e-2)  # the shared kernel test's bf16 row
@@ -1414,6 +1414,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     log(f"# {dev.device_kind} | jax {jax.__version__} | mgpu supported: {mg.is_supported()}")
+    if dev.platform == "gpu":
+        log(f"# {gpu_identity()}")
     if args.stage == "check":
         rows = stage_check(args)
     elif args.stage == "stress":

@@ -133,18 +133,20 @@ def _with_gpu_time(result: dict, measure: Callable[[], dict]) -> dict:
     return result
 
 
-CLOCK_FIELDS = ("sm_mhz", "power_w", "temp_c")
+# The memory clock beside the SM clock: on one code, H200 machines at the same 1980 MHz SM clock ran
+# SPA-default fwd+bwd at 0.842 and 0.863 ms (NOTES_mgpu v16), every kernel 2.5% apart.
+CLOCK_FIELDS = ("sm_mhz", "mem_mhz", "power_w", "temp_c")
 # Instantaneous power first: ``power.draw`` is a one-second average on Hopper drivers, which a 1 ms row
 # cannot move (v15). Drivers before 535 do not know the field and exit; then the average is read.
 POWER_FIELDS = ("power.draw.instant", "power.draw")
 
 
 def _clock_query(power_field: str) -> str:
-    return f"clocks.sm,{power_field},temperature.gpu"
+    return f"clocks.sm,clocks.mem,{power_field},temperature.gpu"
 
 
 def summarize_clocks(lines: Iterable[str]) -> dict:
-    """``nvidia-smi --query-gpu=clocks.sm,<power field>,temperature.gpu --format=csv,noheader,nounits``
+    """``nvidia-smi --query-gpu=clocks.sm,clocks.mem,<power field>,temperature.gpu --format=csv,noheader,nounits``
     lines -> sample count and mean / min / max of each field; lines that do not parse (``[N/A]``) are
     left out."""
     samples = []
@@ -166,7 +168,7 @@ def summarize_clocks(lines: Iterable[str]) -> dict:
 
 @contextlib.contextmanager
 def gpu_clocks(interval_ms: int = 20, ready_s: float = 5.0):
-    """Samples GPU 0's SM clock, power and temperature with ``nvidia-smi`` while the block runs.
+    """Samples GPU 0's SM and memory clocks, power and temperature with ``nvidia-smi`` while the block runs.
 
     Power is the instantaneous draw where the driver has it, else the one-second average
     (``power_field`` in the dict says which).
@@ -229,11 +231,29 @@ def _first_line(stream, timeout_s: float) -> str | None:
 
 
 def clocks_text(clocks: dict | None) -> str:
-    """``"SM 1980 MHz (min 1755), 612 W, 61 C"`` from a :func:`gpu_clocks` dict, ``""`` without samples."""
+    """``"SM 1980 MHz (min 1755), mem 3201 MHz, 612 W, 61 C"`` from a :func:`gpu_clocks` dict, ``""``
+    without samples."""
     if not clocks or not clocks.get("samples"):
         return ""
-    return (f"SM {clocks['sm_mhz_mean']:.0f} MHz (min {clocks['sm_mhz_min']:.0f}), "
+    mem = f"mem {clocks['mem_mhz_mean']:.0f} MHz, " if "mem_mhz_mean" in clocks else ""  # JSON before v16 lacks it
+    return (f"SM {clocks['sm_mhz_mean']:.0f} MHz (min {clocks['sm_mhz_min']:.0f}), {mem}"
             f"{clocks['power_w_mean']:.0f} W, {clocks['temp_c_max']:.0f} C")
+
+
+GPU_IDENTITY = "name,uuid,pci.bus_id,vbios_version,driver_version,memory.total,clocks.max.sm,clocks.max.mem"
+
+
+def gpu_identity(timeout_s: float = 20.0) -> str:
+    """One line per visible GPU: ``nvidia-smi --query-gpu=`` :data:`GPU_IDENTITY`, or why there is none.
+
+    The UUID tells two lent machines apart: tables timed on different GPUs of one kind differ by a few
+    percent at equal clocks, so a result names the GPU it ran on."""
+    try:
+        smi = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_IDENTITY}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{type(e).__name__}: {e}"
+    return smi.stdout.strip() or smi.stderr.strip() or f"nvidia-smi exited {smi.returncode}"
 
 
 def time_jax(fn: Callable, *args, warmup: int = 2, iters: int = 20, gpu: bool = True) -> dict:
