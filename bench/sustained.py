@@ -145,24 +145,26 @@ def markdown(report: dict) -> str:
         "",
         "ms/call is wall clock over the whole loop. Clock and power are the means of the nvidia-smi samples "
         f"above {report['busy_watts']} W; throttled = share of those samples with a throttle reason "
-        "(0x4: software power cap). vs Flex = our ms / Flex's ms, same mask and shape.",
+        "(0x4: software power cap); mJ/call = ms/call x W, the energy of one call under load. vs Flex = our "
+        "ms / Flex's ms, same mask and shape.",
         "",
-        "| B x N | mask | impl | ms/call | calls | SM MHz (min) | W | throttled | vs Flex |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| B x N | mask | impl | ms/call | calls | SM MHz (min) | W | mJ/call | throttled | vs Flex |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     flex = {(r["shape"], r["mask"]): r["ms"] for r in report["rows"] if r["impl"] == "flex" and "ms" in r}
     for r in report["rows"]:
         if "ms" not in r:
-            lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r.get('error', '-')} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r.get('error', '-')} | | | | | | |")
             continue
         load = r.get("load", {})
         clock = f"{load['sm_mhz_mean']:.0f} ({load['sm_mhz_min']:.0f})" if load.get("samples") else "-"
         watts = f"{load['power_w_mean']:.0f}" if load.get("samples") else "-"
+        energy = f"{r['ms'] * load['power_w_mean']:.0f}" if load.get("samples") else "-"
         throttled = f"{100 * load['throttled_share']:.0f}%" if load.get("samples") else "-"
         ref = flex.get((r["shape"], r["mask"]))
         vs = f"{r['ms'] / ref:.3f}x" if ref and r["impl"] != "flex" else ""
         lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r['ms']:.4f} | {r['calls']} | {clock} | {watts} | "
-                     f"{throttled} | {vs} |")
+                     f"{energy} | {throttled} | {vs} |")
     return "\n".join(lines) + "\n"
 
 

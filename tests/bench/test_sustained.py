@@ -45,6 +45,24 @@ def test_a_cpu_run_writes_a_row_per_kernel_and_the_table(tmp_path, monkeypatch):
     assert "| 1x128 | spattention | reference |" in table
 
 
+def test_table_gives_energy_per_call_and_the_ratio_to_flex():
+    """The session 16 H200 rows (NOTES_mgpu v16): 1.001 ms at 692 W is 693 mJ a call, 0.617x of Flex."""
+    load = lambda mhz, w, share: dict(samples=244, sm_mhz_mean=mhz, sm_mhz_min=mhz, power_w_mean=w,  # noqa: E731
+                                      throttled_share=share, reasons=[])
+    report = dict(gpu="H200", date="2026-12-04", seconds=5.0, busy_watts=250.0, rows=[
+        dict(impl="pallas_mosaic_gpu", mask="spattention", shape="2x8192", ms=1.0008, calls=5000,
+             load=load(1713, 692.0, 1.0)),
+        dict(impl="flex", mask="spattention", shape="2x8192", ms=1.6219, calls=3440, load=load(1980, 627.0, 0.0)),
+        dict(impl="pallas_mosaic_gpu", mask="spattention_exclusive", shape="2x8192", error="OOM"),
+    ])
+    table = sustained.markdown(report).splitlines()
+    ours = next(line for line in table if "| pallas_mosaic_gpu | 1.0008 |" in line)
+    assert "| 1713 (1713) | 692 | 693 | 100% | 0.617x |" in ours
+    flex = next(line for line in table if "| flex |" in line)
+    assert flex.endswith("| 1980 (1980) | 627 | 1017 | 0% |  |")
+    assert any("| spattention_exclusive | pallas_mosaic_gpu | OOM |" in line for line in table)
+
+
 def test_unknown_kernel_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         sustained.main(["--impls", "fastest"])
