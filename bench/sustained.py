@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import gpu_identity  # noqa: E402
+from timing import gpu_identity, smi_sampler_command  # noqa: E402
 
 
 def _load_kernels_bench():
@@ -78,13 +78,13 @@ def summarize_load(lines: Iterable[str], busy_watts: float) -> dict:
 
 @contextlib.contextmanager
 def load_samples(busy_watts: float, interval_ms: int = 20):
-    """Samples :data:`LOAD_QUERY` while the block runs; yields a dict filled on exit
+    """Samples :data:`LOAD_QUERY` on this process's GPU 0 while the block runs; yields a dict filled on exit
     (:func:`summarize_load`), or holding ``error`` where there is no ``nvidia-smi``."""
     out: dict = {}
     with tempfile.TemporaryFile("w+") as log:
         try:
-            proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={LOAD_QUERY}", "--format=csv,noheader,nounits",
-                                     "-lms", str(interval_ms), "-i", "0"], stdout=log, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(smi_sampler_command(LOAD_QUERY, interval_ms), stdout=log, stderr=subprocess.STDOUT,
+                                    text=True)
         except OSError as e:
             out["error"] = f"{type(e).__name__}: {e}"
             yield out

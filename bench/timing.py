@@ -166,6 +166,13 @@ def summarize_clocks(lines: Iterable[str]) -> dict:
     return out
 
 
+def smi_sampler_command(query: str, interval_ms: int) -> list[str]:
+    """``nvidia-smi`` sampling ``query`` (no header, no units) every ``interval_ms`` on GPU 0 of this
+    process: the first of ``CUDA_VISIBLE_DEVICES`` when that is set."""
+    index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    return ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-lms", str(interval_ms), "-i", index]
+
+
 @contextlib.contextmanager
 def gpu_clocks(interval_ms: int = 20, ready_s: float = 5.0):
     """Samples GPU 0's SM and memory clocks, power and temperature with ``nvidia-smi`` while the block runs.
@@ -182,10 +189,8 @@ def gpu_clocks(interval_ms: int = 20, ready_s: float = 5.0):
     before the block, so it is kept apart, as ``before``, not in the summary.
     """
     out: dict = {}
-    index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
     for power_field in POWER_FIELDS:
-        cmd = ["nvidia-smi", f"--query-gpu={_clock_query(power_field)}", "--format=csv,noheader,nounits",
-               "-lms", str(interval_ms), "-i", index]
+        cmd = smi_sampler_command(_clock_query(power_field), interval_ms)
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError as e:
