@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import gpu_identity, smi_sampler_command  # noqa: E402
+from timing import gpu_identity, smi_sampler_command, stop_sampler  # noqa: E402
 
 
 def _load_kernels_bench():
@@ -92,8 +92,7 @@ def load_samples(busy_watts: float, interval_ms: int = 20):
         try:
             yield out
         finally:
-            proc.terminate()
-            proc.wait()
+            stop_sampler(proc)
             log.seek(0)
             out.update(summarize_load(log, busy_watts))
 
@@ -157,10 +156,12 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r.get('error', '-')} | | | | | | |")
             continue
         load = r.get("load", {})
-        clock = f"{load['sm_mhz_mean']:.0f} ({load['sm_mhz_min']:.0f})" if load.get("samples") else "-"
-        watts = f"{load['power_w_mean']:.0f}" if load.get("samples") else "-"
-        energy = f"{r['ms'] * load['power_w_mean']:.0f}" if load.get("samples") else "-"
-        throttled = f"{100 * load['throttled_share']:.0f}%" if load.get("samples") else "-"
+        clock = watts = energy = throttled = "-"
+        if load.get("samples"):
+            clock = f"{load['sm_mhz_mean']:.0f} ({load['sm_mhz_min']:.0f})"
+            watts = f"{load['power_w_mean']:.0f}"
+            energy = f"{r['ms'] * load['power_w_mean']:.0f}"
+            throttled = f"{100 * load['throttled_share']:.0f}%"
         ref = flex.get((r["shape"], r["mask"]))
         vs = f"{r['ms'] / ref:.3f}x" if ref and r["impl"] != "flex" else ""
         lines.append(f"| {r['shape']} | {r['mask']} | {r['impl']} | {r['ms']:.4f} | {r['calls']} | {clock} | {watts} | "

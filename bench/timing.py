@@ -202,7 +202,7 @@ def gpu_clocks(interval_ms: int = 20, ready_s: float = 5.0):
         # one that is still running is kept (it may only be slow to start).
         if first is None or summarize_clocks([first])["samples"]:
             break
-        _stop(proc)
+        stop_sampler(proc)
     else:
         out["error"] = f"nvidia-smi gave no sample of {' or '.join(POWER_FIELDS)} (last: {first.strip()!r})"
         yield out
@@ -210,15 +210,16 @@ def gpu_clocks(interval_ms: int = 20, ready_s: float = 5.0):
     try:
         yield out
     finally:
-        out.update(summarize_clocks(_stop(proc).splitlines()))
+        out.update(summarize_clocks(stop_sampler(proc).splitlines()))
         if out["samples"]:
             out["power_field"] = power_field
         if first:
             out["before"] = first.strip()
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    """Stops a sampling ``nvidia-smi`` and returns what it printed that was not read yet."""
+def stop_sampler(proc: subprocess.Popen) -> str:
+    """Stops a sampling ``nvidia-smi`` (killed if it does not end within 5 s) and returns what it printed to
+    its pipe that was not read yet (``""`` when its output went to a file)."""
     proc.terminate()
     try:
         text, _ = proc.communicate(timeout=5)
